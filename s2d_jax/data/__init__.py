@@ -1,0 +1,1 @@
+"""tfds + tf.data input pipelines and the embedded demo dataset."""

@@ -1,0 +1,1 @@
+"""big_vision-compatible Flax models: ViT, text tower, SigLIP two towers, checkpoint I/O."""
