@@ -261,3 +261,82 @@ def parse_cli(argv: Sequence[str], *, require_workdir: bool = True,
   config = load_config(spec)
   apply_overrides(config, dict(overrides))
   return config, workdir, rest
+
+
+def default_train_config() -> mlc.ConfigDict:
+  """The trainer's config schema with defaults (every key train.py reads).
+
+  Config files start from this and set what differs; `apply_overrides` refuses keys
+  that are not here, so a typo in `--config.x=` fails at start-up.
+
+    seed                      PRNG seed (init, dropout, data order)
+    model_name                'vit' (classifier) or 'two_towers' (SigLIP pre-training)
+    model                     kwargs of vit.Model / two_towers.Model (variant, pool_type,
+                              scan, ...)
+    num_classes               classifier head size (vit)
+    model_init                big_vision npz to start from ('' = random init)
+    model_load.dont_load      regexes of params not loaded (re-initialised), e.g. head
+    input.data.{name,split}   tfds dataset and split; input.data_dir: tfds data_dir
+    input.pp                  big_vision preprocessing string for training
+    input.batch_size          *global* batch size (split over processes and devices)
+    input.shuffle_buffer_size tf.data shuffle buffer per process
+    total_epochs|total_steps  training length (exactly one > 0)
+    lr, wd                    peak learning rate; AdamW decoupled weight decay
+                              (optax: update -= lr·wd·w, applied to kernels only)
+    warmup_steps|warmup_frac  linear warmup, then cosine decay to lr·min_lr_frac
+    b1, b2, eps               AdamW moments
+    grad_clip_norm            clip the task gradient to this global norm (0 = off)
+    loss                      'softmax_xent' or 'sigmoid_xent' (vit); sigmoid (towers)
+    label_smoothing           for softmax_xent
+    s2d.*                     S2D: enabled, strength λ, power n, k_max, tau, refresh_every
+                              m (PCDR), pcdr_batch (images used for PCDR), iters,
+                              decoupled
+    qat.*                     quantization-aware training: enabled, setting ('W4A4')
+    mesh.fsdp                 size of the 'fsdp' mesh axis (params/opt-state sharded
+                              over it); 1 = pure data parallel, -1 = all devices
+    log_every, ckpt_every, keep_ckpts, sigma_log_top (σ_max logged for this many of
+    the largest kernels), export_npz (write final params as big_vision npz)
+    evaluate.*                end-of-training PTQ evaluation (evaluate.py's schema)
+  """
+  c = mlc.ConfigDict()
+  c.seed = 0
+  c.model_name = 'vit'
+  c.model = mlc.ConfigDict(dict(variant='B/16', pool_type='map', scan=True))
+  c.num_classes = 1000
+  c.model_init = ''
+  c.model_load = mlc.ConfigDict(dict(dont_load=['head/.*']))
+  c.input = mlc.ConfigDict(dict(
+      data=dict(name='imagenet2012', split='train[:99%]'),
+      pp='decode|inception_crop(224)|flip_lr|value_range(-1,1)|keep("image","label")',
+      batch_size=512, shuffle_buffer_size=250_000, data_dir=None))
+  c.total_epochs = 0.0
+  c.total_steps = 0
+  c.lr = 3e-5
+  c.wd = 0.05
+  c.warmup_steps = 0
+  c.warmup_frac = 0.05
+  c.min_lr_frac = 0.0
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.eps = 1e-8
+  c.grad_clip_norm = 1.0
+  c.loss = 'softmax_xent'
+  c.label_smoothing = 0.0
+  c.s2d = mlc.ConfigDict(dict(
+      enabled=False, strength=5e-4, power=2.0, k_max=3, tau=0.95,
+      refresh_every=100, pcdr_batch=8, iters=1, decoupled=False))
+  c.qat = mlc.ConfigDict(dict(enabled=False, setting='W4A4'))
+  c.mesh = mlc.ConfigDict(dict(fsdp=1))
+  c.log_every = 50
+  c.ckpt_every = 1000
+  c.keep_ckpts = 3
+  c.sigma_log_top = 4
+  c.export_npz = True
+  c.evaluate = mlc.ConfigDict(dict(
+      enabled=True,
+      data=dict(name='imagenet2012', split='validation'),
+      pp='decode|resize_small(256)|central_crop(224)|value_range(-1,1)|keep("image","label")',
+      batch_size=256, kind='classification', data_dir=None,
+      settings=('float', 'W8A8', 'W6A6', 'W4A4'),
+      calib_batches=4, max_batches=None, checkpoint=''))
+  return c
