@@ -88,6 +88,11 @@ def _handlers():
   }
 
 
+def _wrap(opt_state):
+  """{'state': opt_state, 'n': 0}: orbax refuses leaf-less trees (e.g. plain SGD)."""
+  return {'state': opt_state, 'n': np.zeros((), np.int32)}
+
+
 class Checkpointer:
   """Periodic, synchronous, crash-safe orbax checkpoints of one training run.
 
@@ -127,7 +132,7 @@ class Checkpointer:
     json.dumps(meta)  # fail early (before writing) on non-JSON meta
     self._mngr.save(int(step), args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
-        opt_state=ocp.args.StandardSave(opt_state),
+        opt_state=ocp.args.StandardSave(_wrap(opt_state)),
         meta=ocp.args.JsonSave(meta)), force=True)
     self._mngr.wait_until_finished()
 
@@ -155,9 +160,9 @@ class Checkpointer:
     to_abs = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)
     out = self._mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(to_abs(abstract_params)),
-        opt_state=ocp.args.StandardRestore(to_abs(abstract_opt_state)),
+        opt_state=ocp.args.StandardRestore(to_abs(_wrap(abstract_opt_state))),
         meta=ocp.args.JsonRestore()))
-    return out['params'], out['opt_state'], out['meta']
+    return out['params'], out['opt_state']['state'], out['meta']
 
   def _resolve(self, step):
     steps = self.all_steps()

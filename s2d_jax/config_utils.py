@@ -71,6 +71,27 @@ def _spec_entry(name: str, value: Any):
       f'or a (default, type_fn) pair, got {value!r}')
 
 
+def _split_top_level(s: str) -> list[str]:
+  """Splits on commas outside (), [], {} and quotes: 'a=(1,2),b=3' -> 2 items."""
+  items, depth, quote, cur = [], 0, None, []
+  for ch in s:
+    if quote:
+      quote = None if ch == quote else quote
+    elif ch in '\'"':
+      quote = ch
+    elif ch in '([{':
+      depth += 1
+    elif ch in ')]}':
+      depth -= 1
+    elif ch == ',' and depth == 0:
+      items.append(''.join(cur))
+      cur = []
+      continue
+    cur.append(ch)
+  items.append(''.join(cur))
+  return items
+
+
 def parse_arg(arg: str | None, lazy: bool = False, **spec) -> mlc.ConfigDict:
   """Parses the single string argument of `get_config(arg)` (big_vision convention).
 
@@ -91,7 +112,7 @@ def parse_arg(arg: str | None, lazy: bool = False, **spec) -> mlc.ConfigDict:
     else:
       arg = f'{next(iter(parsed))}={arg}'
   raw = {}
-  for item in arg.split(','):
+  for item in _split_top_level(arg):
     if not item:
       continue
     key, sep, value = item.partition('=')
