@@ -48,6 +48,11 @@ TOWERS = ("img", "txt")
 # Reading the architecture off the shapes.
 
 
+def _shape(x) -> tuple[int, ...]:
+  """Shape of an array or of a jax.ShapeDtypeStruct (so eval_shape trees work too)."""
+  return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+
+
 def _get(tree: Mapping[str, Any], path: str, where: str):
   node = tree
   for part in path.split("/"):
@@ -61,7 +66,7 @@ def _encoder_dims(enc: Mapping[str, Any], where: str) -> dict[str, Any]:
   """depth, mlp_dim, num_heads and layout of a `Transformer` / `Encoder_0` subtree."""
   if "encoderblock" in enc:
     blk, lead = enc["encoderblock"], 1
-    q = np.shape(_get(blk, "MultiHeadDotProductAttention_0/query/kernel",
+    q = _shape(_get(blk, "MultiHeadDotProductAttention_0/query/kernel",
                       where + "/encoderblock"))
     depth, scan = q[0], True
   else:
@@ -71,8 +76,8 @@ def _encoder_dims(enc: Mapping[str, Any], where: str) -> dict[str, Any]:
                             "(no encoder blocks found)")
     blk, lead, depth, scan = enc["encoderblock_0"], 0, len(idx), False
     where = where + "/encoderblock_0"
-  q = np.shape(_get(blk, "MultiHeadDotProductAttention_0/query/kernel", where))
-  m = np.shape(_get(blk, "MlpBlock_0/Dense_0/kernel", where))
+  q = _shape(_get(blk, "MultiHeadDotProductAttention_0/query/kernel", where))
+  m = _shape(_get(blk, "MlpBlock_0/Dense_0/kernel", where))
   if len(q) != 3 + lead or len(m) != 2 + lead:
     raise CheckpointError(f"{where}: unexpected attention/MLP kernel ranks {q}, {m}")
   return dict(depth=int(depth), mlp_dim=int(m[-1]), num_heads=int(q[-2]), scan=scan)
@@ -85,7 +90,7 @@ def _named(width, dims):
 
 def infer_image_config(img: Mapping[str, Any], where: str = "img") -> tuple[dict, dict]:
   """(vit.Model kwargs incl. num_classes, info) for a ViT parameter tree."""
-  k = np.shape(_get(img, "embedding/kernel", where))
+  k = _shape(_get(img, "embedding/kernel", where))
   if len(k) != 4:
     raise CheckpointError(f"{where}/embedding/kernel must be (p, p, C, D), got {k}")
   ph, pw, _, width = map(int, k)
@@ -106,7 +111,7 @@ def infer_image_config(img: Mapping[str, Any], where: str = "img") -> tuple[dict
     cfg["pool_type"] = "gap"
   info = {"layout": "scan" if dims["scan"] else "loop"}
   if "pos_embedding" in img:
-    n = np.shape(img["pos_embedding"])[1]
+    n = _shape(img["pos_embedding"])[1]
     g = int(round(np.sqrt(n)))
     info["grid"] = (g, g) if g * g == n else None
     info["res"] = g * ph if g * g == n and ph == pw else None
@@ -114,9 +119,9 @@ def infer_image_config(img: Mapping[str, Any], where: str = "img") -> tuple[dict
     cfg["posemb"] = "sincos2d"
     info["grid"] = info["res"] = None
   if "pre_logits" in img:
-    rep = int(np.shape(_get(img, "pre_logits/kernel", where))[-1])
+    rep = int(_shape(_get(img, "pre_logits/kernel", where))[-1])
     cfg["rep_size"] = True if rep == width else rep
-  num_classes = (int(np.shape(_get(img, "head/kernel", where))[-1])
+  num_classes = (int(_shape(_get(img, "head/kernel", where))[-1])
                  if "head" in img else None)
   cfg["num_classes"] = num_classes
   return cfg, info
@@ -124,7 +129,7 @@ def infer_image_config(img: Mapping[str, Any], where: str = "img") -> tuple[dict
 
 def infer_text_config(txt: Mapping[str, Any], where: str = "txt") -> tuple[dict, dict]:
   """(text.Model kwargs incl. num_classes, info) for a text-tower parameter tree."""
-  e = np.shape(_get(txt, "Embed_0/embedding", where))
+  e = _shape(_get(txt, "Embed_0/embedding", where))
   if len(e) != 2:
     raise CheckpointError(f"{where}/Embed_0/embedding must be (vocab, D), got {e}")
   vocab, width = map(int, e)
@@ -138,10 +143,10 @@ def infer_text_config(txt: Mapping[str, Any], where: str = "txt") -> tuple[dict,
                num_heads=dims["num_heads"])
   cfg.update(vocab_size=vocab, scan=dims["scan"],
              pool_type="map" if "MAPHead_0" in txt else "last")
-  pe = np.shape(_get(txt, "pos_embedding", where))
+  pe = _shape(_get(txt, "pos_embedding", where))
   info = {"seq_len": int(pe[1]), "vocab_size": vocab,
           "layout": "scan" if dims["scan"] else "loop"}
-  cfg["num_classes"] = (int(np.shape(_get(txt, "head/kernel", where))[-1])
+  cfg["num_classes"] = (int(_shape(_get(txt, "head/kernel", where))[-1])
                         if "head" in txt else None)
   return cfg, info
 
@@ -249,7 +254,7 @@ def build(params: Mapping[str, Any], *, towers: Sequence[str] = TOWERS,
   if "img" in params and "pos_embedding" in params["img"] and \
      "pos_embedding" in expected.get("img", {}):
     pe_old, pe_new = params["img"]["pos_embedding"], expected["img"]["pos_embedding"]
-    if np.shape(pe_old) != pe_new.shape and np.shape(pe_old)[2:] == pe_new.shape[2:]:
+    if _shape(pe_old) != pe_new.shape and _shape(pe_old)[2:] == pe_new.shape[2:]:
       params["img"] = {**params["img"],
                        "pos_embedding": ckpt_lib.resample_posemb(pe_old, pe_new.shape)}
   return model, _finish(model, params, expected, dont_load, param_dtype, seed,
@@ -319,8 +324,8 @@ def load_vit(path_or_params, *, res=None, dont_load=(), param_dtype=None, seed=0
   expected = jax.eval_shape(model.init, jax.random.PRNGKey(seed), x)["params"]
   if "pos_embedding" in img and "pos_embedding" in expected:
     pe_new = expected["pos_embedding"].shape
-    if np.shape(img["pos_embedding"]) != pe_new and \
-       np.shape(img["pos_embedding"])[2:] == pe_new[2:]:
+    if _shape(img["pos_embedding"]) != pe_new and \
+       _shape(img["pos_embedding"])[2:] == pe_new[2:]:
       img = {**img, "pos_embedding": ckpt_lib.resample_posemb(img["pos_embedding"],
                                                               pe_new)}
   return model, _finish(model, img, expected, dont_load, param_dtype, seed, (x,))
