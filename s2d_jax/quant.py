@@ -134,8 +134,10 @@ def fake_quant(x: jax.Array, bits: int, *, axis: Axis = None,
     qrange: optional static range ``(lo, hi)`` broadcastable to the scale groups;
       ``None`` = dynamic min/max of each group.
     ste: straight-through estimator for the gradient (QAT).
-    ste_clipped: with ``ste``, zero gradient outside ``[lo_q, hi_q]``, the range
-      the grid represents; identity everywhere otherwise.
+    ste_clipped: with ``ste``, zero gradient outside the quantization range
+      (``[-a, a]`` symmetric, ``[min(lo, 0), max(hi, 0)]`` asymmetric); with
+      dynamic ranges nothing is outside, so the gradient is the identity.
+      ``False``: identity everywhere.
 
   Returns:
     ``x̂`` with the shape and dtype of ``x``.
@@ -154,9 +156,17 @@ def fake_quant(x: jax.Array, bits: int, *, axis: Axis = None,
   if not ste:
     return _quantize_dequantize(xf, s, z, bits, symmetric).astype(dtype)
   if ste_clipped:
-    qm = qmax(bits, symmetric)
-    lo_q, hi_q = ((-qm * s, qm * s) if symmetric else (-z * s, (qm - z) * s))
-    xc = jnp.clip(xf, lo_q, hi_q)  # d/dx = 1 inside, 0 outside
+    # the clipping range is the range the grid was built from (never the
+    # grid's own end points, which may sit one ulp inside it)
+    lo, hi = jax.lax.stop_gradient(lo), jax.lax.stop_gradient(hi)
+    if symmetric:
+      amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+      lo, hi = -amax, amax
+    else:
+      lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+    # d/dx = 1 on [lo, hi] (end points included), 0 outside
+    inside = (xf >= lo) & (xf <= hi)
+    xc = jnp.where(inside, xf, jax.lax.stop_gradient(jnp.clip(xf, lo, hi)))
   else:
     xc = xf
   xq = _quantize_dequantize(xf, s, z, bits, symmetric)
