@@ -159,3 +159,39 @@ def test_errors(tower):
     zs.accuracy(np.eye(2), np.eye(2), [0, 1, 1])
   with pytest.raises(TypeError, match="flax model or a function"):
     zs.embed_texts(3, None, np.zeros((2, L), np.int32))
+
+
+def test_with_two_towers_model_and_sentencepiece_tokenizer(tmp_path):
+  """Integration: engineer B's two_towers text path + a real SentencePiece tokenizer."""
+  import io
+  import sentencepiece as spm
+  from s2d_jax.data import demo
+  from s2d_jax.models import tokenizer as tok_lib
+  from s2d_jax.models import two_towers
+
+  rng = np.random.default_rng(0)
+  words = list(demo.SHAPES) + "a photo of the drawing red blue".split()
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter([" ".join(rng.choice(words, 5)) for _ in range(300)]),
+      model_writer=buf, vocab_size=60, hard_vocab_limit=False, minloglevel=2,
+      pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+  (tmp_path / "m.model").write_bytes(buf.getvalue())
+  tok = tok_lib.Tokenizer(str(tmp_path / "m.model"), max_len=8, pad_value=1)
+  model = two_towers.Model(
+      text=dict(width=16, depth=1, mlp_dim=32, num_heads=2,
+                vocab_size=tok.vocab_size), out_dim=(None, 16), bias_init=-10.0)
+  params = model.init(jax.random.PRNGKey(1), None,
+                      jnp.zeros((1, 8), jnp.int32))["params"]
+  names, temps = list(demo.SHAPES[:4]), ["a photo of a {}.", "a {} drawing"]
+  got = zs.class_embeddings(model, params, tok, names, temps, batch_size=3)
+  ref = []
+  for c in names:
+    z = [np.asarray(model.apply({"params": params}, None,
+                                jnp.asarray(tok([t.format(c).rstrip(".")])))[1][0],
+                    np.float64) for t in temps]
+    m = np.mean(z, 0)
+    ref.append(m / (1e-8 + np.linalg.norm(m)))
+  np.testing.assert_allclose(got, np.stack(ref), atol=1e-5)
+  # Image embeddings equal to a class embedding are classified as that class.
+  np.testing.assert_array_equal(zs.zeroshot_predict(got[[2, 0, 3]], got), [2, 0, 3])
