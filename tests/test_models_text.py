@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from s2d_jax.models import text, two_towers, vit
-from test_models_vit import _randomize, np_dense, np_encoder, np_map_head, np_vit
+from test_models_vit import (_apply, _rand_params, _shapes, np_dense, np_encoder,
+                             np_map_head, np_vit)
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4)
 
@@ -28,8 +29,8 @@ def np_text(tokens, p, pool_type="last"):
 def test_text_tower_matches_numpy(pool_type):
   m = text.Model(24, **TINY, vocab_size=50, pool_type=pool_type)
   tok = _tokens()
-  p = _randomize(m.init(jax.random.PRNGKey(0), tok)["params"])
-  y, out = jax.jit(m.apply)({"params": p}, tok)
+  p = _rand_params(m, tok)
+  y, out = _apply(m, p, tok)
   assert y.shape == (3, 24)
   np.testing.assert_allclose(y, np_text(tok, p, pool_type), rtol=2e-4, atol=2e-4)
   # tied-embedding vocabulary logits
@@ -40,30 +41,27 @@ def test_text_tower_matches_numpy(pool_type):
 
 def test_text_param_names_and_aliases():
   tok = _tokens()
-  p = text.Model(8, **TINY, vocab_size=50).init(jax.random.PRNGKey(0), tok)["params"]
+  p = _shapes(text.Model(8, **TINY, vocab_size=50), tok)
   assert set(p) == {"Embed_0", "pos_embedding", "Encoder_0", "head"}
   assert p["Embed_0"]["embedding"].shape == (50, 32)
   assert p["pos_embedding"].shape == (1, 16, 32)
   assert set(p["Encoder_0"]) == {"encoderblock_0", "encoderblock_1", "encoder_norm"}
-  ps = text.Model(None, **TINY, vocab_size=50, scan=True).init(
-      jax.random.PRNGKey(0), tok)["params"]
+  ps = _shapes(text.Model(None, **TINY, vocab_size=50, scan=True), tok)
   assert "head" not in ps and "encoderblock" in ps["Encoder_0"]
   # gap/gmp are aliases of mean/max
   m1 = text.Model(None, **TINY, vocab_size=50, pool_type="gap")
   m2 = text.Model(None, **TINY, vocab_size=50, pool_type="mean")
-  p2 = m2.init(jax.random.PRNGKey(0), tok)["params"]
-  np.testing.assert_array_equal(m1.apply({"params": p2}, tok)[0],
-                                m2.apply({"params": p2}, tok)[0])
+  p2 = _rand_params(m2, tok)
+  np.testing.assert_array_equal(_apply(m1, p2, tok)[0], _apply(m2, p2, tok)[0])
 
 
 def test_text_variant_ignores_patch_and_errors():
   assert text.Model(None, variant="So400m/14").width == 1152
   assert text.Model(None, variant="B", vocab_size=256_000).vocab_size == 256_000
   with pytest.raises(ValueError, match="Cannot do pooling 'cls'"):
-    text.Model(None, **TINY, vocab_size=50, pool_type="cls").init(
-        jax.random.PRNGKey(0), _tokens())
+    _shapes(text.Model(None, **TINY, vocab_size=50, pool_type="cls"), _tokens())
   with pytest.raises(ValueError, match=r"\(B, L\)"):
-    text.Model(None, **TINY, vocab_size=50).init(jax.random.PRNGKey(0), _tokens()[0])
+    _shapes(text.Model(None, **TINY, vocab_size=50), _tokens()[0])
 
 
 @pytest.mark.parametrize("variant,vocab,seq_len,emb", [
@@ -100,13 +98,14 @@ def test_two_towers_matches_numpy_and_normalises():
   m = _two_towers()
   img = jax.random.uniform(jax.random.PRNGKey(0), (3, 32, 32, 3), minval=-1, maxval=1)
   tok = _tokens()
-  p = m.init(jax.random.PRNGKey(1), img, tok)["params"]
+  tb = m.init(jax.random.PRNGKey(1), None, None)["params"]  # only t and b: cheap
+  np.testing.assert_allclose(tb["t"], [np.log(10.0)], rtol=1e-6)
+  np.testing.assert_allclose(tb["b"], [-10.0])
+  p = _shapes(m, img, tok)
   assert set(p) == {"img", "txt", "t", "b"}
-  np.testing.assert_allclose(p["t"], [np.log(10.0)], rtol=1e-6)
-  np.testing.assert_allclose(p["b"], [-10.0])
   assert "head" not in p["img"] and p["txt"]["head"]["kernel"].shape == (32, 32)
-  p = _randomize(p)
-  zimg, ztxt, out = m.apply({"params": p}, img, tok)
+  p = _rand_params(m, img, tok)
+  zimg, ztxt, out = _apply(m, p, img, tok)
   ri = np_vit(img, p["img"], 8, "map")
   rt = np_text(tok, p["txt"])
   np.testing.assert_allclose(zimg, ri / np.linalg.norm(ri, axis=1, keepdims=True),
@@ -123,16 +122,16 @@ def test_two_towers_matches_numpy_and_normalises():
 def test_two_towers_one_tower_and_no_bias():
   m = _two_towers(bias_init=None)
   img = jnp.zeros((2, 32, 32, 3))
-  p_img = m.init(jax.random.PRNGKey(0), img, None)["params"]
+  p_img = _rand_params(m, img, None)
   assert set(p_img) == {"img", "t"}  # no 'b' without bias_init, no text params
-  zimg, ztxt, out = m.apply({"params": p_img}, img, None)
+  zimg, ztxt, out = _apply(m, p_img, img, None)
   assert ztxt is None and zimg.shape == (2, 32) and "b" not in out
-  p_txt = m.init(jax.random.PRNGKey(0), None, _tokens())["params"]
+  p_txt = _rand_params(m, None, _tokens())
   assert set(p_txt) == {"txt", "t"}
-  zimg, ztxt, _ = m.apply({"params": p_txt}, None, _tokens())
+  zimg, ztxt, _ = _apply(m, p_txt, None, _tokens())
   assert zimg is None and ztxt.shape == (3, 32)
   with pytest.raises(ValueError, match="Unsupported image_model 'resnet'"):
-    two_towers.Model(image=IMG, image_model="resnet").init(jax.random.PRNGKey(0), img)
+    _shapes(two_towers.Model(image=IMG, image_model="resnet"), img)
 
 
 def _np_sigmoid_loss(zimg, ztxt, t, b):

@@ -116,16 +116,32 @@ def _init(model, images, seed=0):
   return jax.jit(model.init)(jax.random.PRNGKey(seed), images)["params"]
 
 
+def _shapes(model, *args):
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)["params"]
+
+
+def _apply(model, params, *args, **kw):
+  """jit-compiled apply (eager flax apply is slow on the shared CPU)."""
+  return jax.jit(lambda p, *a: model.apply({"params": p}, *a, **kw))(params, *args)
+
+
 def _images(b=2, res=32, seed=1):
   return jax.random.uniform(jax.random.PRNGKey(seed), (b, res, res, 3), minval=-1, maxval=1)
 
 
 def _randomize(params, seed=3, scale=0.3):
-  """Replace every leaf by N(0, scale^2) noise (zero-init heads etc. would hide bugs)."""
-  leaves, tdef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return tdef.unflatten([scale * jax.random.normal(k, l.shape, l.dtype)
-                         for k, l in zip(keys, leaves)])
+  """Every leaf ~ N(0, scale^2) (numpy RNG: no per-shape JAX compiles). Zero-init
+  heads and unit LayerNorm scales would hide bugs; random values do not."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda l: jnp.asarray((scale * rng.standard_normal(l.shape)).astype(l.dtype)),
+      params)
+
+
+def _rand_params(model, *args, seed=3, scale=0.3):
+  """Random params of the right shapes, without running (or compiling) model.init."""
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)["params"]
+  return _randomize(shapes, seed, scale)
 
 
 # ----------------------------------------------------------------------------------
@@ -177,7 +193,7 @@ def test_param_tree_names_loop_and_scan():
   assert p["MAPHead_0"]["probe"].shape == (1, 1, 32)
   np.testing.assert_array_equal(p["head"]["kernel"], 0)  # head_zeroinit
 
-  ps = _init(vit.Model(5, **TINY, pool_type="map", scan=True), x)
+  ps = _shapes(vit.Model(5, **TINY, pool_type="map", scan=True), x)
   assert set(ps["Transformer"]) == {"encoderblock", "encoder_norm"}
   assert (ps["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"].shape
           == (2, 32, 64))
@@ -201,8 +217,8 @@ def test_init_distributions_match_big_vision():
 def test_one_block_matches_numpy():
   blk = vit.Encoder1DBlock(mlp_dim=48, num_heads=3)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 24))
-  p = _randomize(blk.init(jax.random.PRNGKey(1), x)["params"])
-  y, out = blk.apply({"params": p}, x)
+  p = _rand_params(blk, x)
+  y, out = _apply(blk, p, x)
   np.testing.assert_allclose(y, np_block(np.asarray(x), p), rtol=1e-5, atol=1e-5)
   assert set(out) == {"sa", "+sa", "mlp", "+mlp"}
   np.testing.assert_allclose(out["+mlp"], y)
@@ -212,7 +228,7 @@ def test_one_block_matches_numpy():
 def test_full_vit_matches_numpy(pool_type):
   m = vit.Model(7, **TINY, pool_type=pool_type)
   x = _images(res=35)  # 35 // 8 = 4 patches: VALID padding drops the remainder
-  p = _randomize(_init(m, x))
+  p = _rand_params(m, x)
   logits, out = jax.jit(m.apply)({"params": p}, x)
   assert logits.shape == (2, 7)
   np.testing.assert_allclose(logits, np_vit(x, p, 8, pool_type), rtol=2e-4, atol=2e-4)
@@ -229,9 +245,9 @@ def test_loop_and_scan_give_identical_outputs():
   x = _images()
   m_loop = vit.Model(6, **TINY, pool_type="map")
   m_scan = vit.Model(6, **TINY, pool_type="map", scan=True)
-  p = _randomize(_init(m_loop, x))
-  y1, o1 = m_loop.apply({"params": p}, x)
-  y2, o2 = m_scan.apply({"params": to_scan(p)}, x)
+  p = _rand_params(m_loop, x)
+  y1, o1 = _apply(m_loop, p, x)
+  y2, o2 = _apply(m_scan, to_scan(p), x)
   np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-5)
   for i in range(2):
     np.testing.assert_allclose(o1["encoder"][f"block{i:02d}"]["+mlp"],
@@ -243,15 +259,18 @@ def test_scan_stacks_sown_intermediates_per_layer():
   """Values sown inside scanned blocks come out with a leading layer axis."""
   x = _images()
   m = vit.Model(None, **TINY, pool_type="gap", scan=True)
-  p = _init(m, x)
+  p = _rand_params(m, x)
 
   def sow_dense_inputs(next_fun, args, kwargs, context):
     if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
       context.module.sow("intermediates", "dense_in", args[0])
     return next_fun(*args, **kwargs)
 
-  with nn.intercept_methods(sow_dense_inputs):
-    _, state = m.apply({"params": p}, x, mutable=["intermediates"])
+  def run(p, x):
+    with nn.intercept_methods(sow_dense_inputs):
+      return m.apply({"params": p}, x, mutable=["intermediates"])
+
+  _, state = jax.jit(run)(p, x)
   inter = state["intermediates"]["Transformer"]["encoderblock"]["MlpBlock_0"]
   (d0,) = inter["Dense_0"]["dense_in"]
   assert d0.shape == (2, 2, 16, 32)  # (depth, B, N, D)
@@ -271,9 +290,9 @@ def test_sincos2d_posemb_matches_formula():
   with pytest.raises(ValueError, match="width % 4"):
     vit.posemb_sincos_2d(2, 2, 6)
   m = vit.Model(None, **TINY, posemb="sincos2d", pool_type="gap")
-  p = _init(m, _images())
+  p = _rand_params(m, _images())
   assert "pos_embedding" not in p
-  _, out = m.apply({"params": p}, _images())
+  _, out = _apply(m, p, _images())
   np.testing.assert_allclose(out["with_posemb"] - out["stem"].reshape(2, 16, 32),
                              np.broadcast_to(vit.posemb_sincos_2d(4, 4, 32), (2, 16, 32)),
                              atol=1e-5)
@@ -282,8 +301,8 @@ def test_sincos2d_posemb_matches_formula():
 def test_rep_size_and_none_pool():
   m = vit.Model(3, **TINY, pool_type="none", rep_size=16)
   x = _images()
-  p = _randomize(_init(m, x))
-  y, out = m.apply({"params": p}, x)
+  p = _rand_params(m, x)
+  y, out = _apply(m, p, x)
   assert p["pre_logits"]["kernel"].shape == (32, 16)
   assert y.shape == (2, 16, 3)  # no pooling: per-token logits
   assert out["pre_logits"].shape == (2, 16, 16)
@@ -291,29 +310,29 @@ def test_rep_size_and_none_pool():
   ref = np.tanh(np_dense(enc, p["pre_logits"]))
   np.testing.assert_allclose(out["pre_logits"], ref, rtol=1e-5, atol=1e-5)
   # rep_size=True means width.
-  p2 = _init(vit.Model(None, **TINY, pool_type="gap", rep_size=True), x)
+  p2 = _shapes(vit.Model(None, **TINY, pool_type="gap", rep_size=True), x)
   assert p2["pre_logits"]["kernel"].shape == (32, 32)
 
 
 def test_bad_options_raise():
   x = _images()
   with pytest.raises(ValueError, match="Unknown pool type: 'avg'"):
-    _init(vit.Model(None, **TINY, pool_type="avg"), x)
+    _shapes(vit.Model(None, **TINY, pool_type="avg"), x)
   with pytest.raises(ValueError, match="Unknown posemb type: 'rope'"):
-    _init(vit.Model(None, **TINY, posemb="rope"), x)
+    _shapes(vit.Model(None, **TINY, posemb="rope"), x)
   with pytest.raises(ValueError, match="remat_policy 'fast'"):
-    _init(vit.Model(None, **TINY, scan=True, remat_policy="fast"), x)
+    _shapes(vit.Model(None, **TINY, scan=True, remat_policy="fast"), x)
   with pytest.raises(ValueError, match=r"\(B, H, W, C\)"):
-    _init(vit.Model(None, **TINY), x[0])
+    _shapes(vit.Model(None, **TINY), x[0])
 
 
 def test_dtype_mm_bfloat16_matmuls():
   x = _images()
   m32 = vit.Model(None, **TINY, pool_type="map")
   m16 = vit.Model(None, **TINY, pool_type="map", dtype_mm="bfloat16")
-  p = _randomize(_init(m32, x), scale=0.1)
-  y32, _ = m32.apply({"params": p}, x)
-  y16, o16 = m16.apply({"params": p}, x)
+  p = _rand_params(m32, x, scale=0.1)
+  y32, _ = _apply(m32, p, x)
+  y16, o16 = _apply(m16, p, x)
   assert o16["stem"].dtype == jnp.bfloat16
   assert o16["encoder"]["block00"]["sa"].dtype == jnp.bfloat16
   assert y16.dtype == jnp.float32  # the MAP head runs in float32, as in big_vision
@@ -325,12 +344,11 @@ def test_dropout_train_mode_scan_and_loop():
   x = _images()
   for scan in (False, True):
     m = vit.Model(None, **TINY, pool_type="gap", dropout=0.5, scan=scan)
-    p = _init(m, x)
-    y_eval, _ = m.apply({"params": p}, x)
-    y_eval2, _ = m.apply({"params": p}, x, train=False)
+    p = _rand_params(m, x)
+    y_eval, _ = _apply(m, p, x)
+    y_eval2, _ = _apply(m, p, x, train=False)
     np.testing.assert_array_equal(y_eval, y_eval2)
-    y_tr, _ = m.apply({"params": p}, x, train=True,
-                      rngs={"dropout": jax.random.PRNGKey(0)})
+    y_tr, _ = _apply(m, p, x, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
     assert not np.allclose(y_tr, y_eval)
 
 

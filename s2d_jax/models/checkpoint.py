@@ -401,14 +401,17 @@ def merge_params(loaded: Mapping[str, Any], expected: Mapping[str, Any],
                           ". Use dont_load=[regex, ...] to keep the model's init values.")
   merged = {}
   need_init = []
+  mismatch = []
   for k, e in ef.items():
     if k in lf and not skip(k):
       if np.shape(lf[k]) != tuple(e.shape):
-        raise CheckpointError(f"shape mismatch for {k!r}: checkpoint {np.shape(lf[k])} "
-                              f"vs model {tuple(e.shape)}")
+        mismatch.append(f"shape mismatch for {k!r}: checkpoint {np.shape(lf[k])} vs "
+                        f"model {tuple(e.shape)}")
       merged[k] = lf[k]
     else:
       need_init.append(k)
+  if mismatch:
+    raise CheckpointError("; ".join(mismatch))
   if need_init:
     if init is None:
       raise CheckpointError(f"No init values given for not-loaded params {need_init}")

@@ -229,6 +229,9 @@ def build(params: Mapping[str, Any], *, towers: Sequence[str] = TOWERS,
   towers = tuple(towers)
   if not towers or set(towers) - set(TOWERS):
     raise ValueError(f"towers must be a non-empty subset of {TOWERS}, got {towers}")
+  if not any(t in params for t in TOWERS):
+    raise CheckpointError("Not a two-towers checkpoint: no 'img' or 'txt' subtree "
+                          f"(top-level keys: {sorted(params)})")
   params = {k: v for k, v in params.items() if k not in TOWERS or k in towers}
   for t in towers:
     if t not in params:
