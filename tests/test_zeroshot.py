@@ -36,7 +36,8 @@ class TextTower(nn.Module):
 @pytest.fixture(scope="module")
 def tower():
   model = TextTower()
-  params = model.init(jax.random.PRNGKey(0), None, jnp.zeros((1, L), jnp.int32))
+  params = jax.jit(lambda k: model.init(k, None, jnp.zeros((1, L), jnp.int32)))(
+      jax.random.PRNGKey(0))
   return model, params["params"]
 
 
@@ -181,15 +182,15 @@ def test_with_two_towers_model_and_sentencepiece_tokenizer(tmp_path):
   model = two_towers.Model(
       text=dict(width=16, depth=1, mlp_dim=32, num_heads=2,
                 vocab_size=tok.vocab_size), out_dim=(None, 16), bias_init=-10.0)
-  params = model.init(jax.random.PRNGKey(1), None,
-                      jnp.zeros((1, 8), jnp.int32))["params"]
+  params = jax.jit(lambda k: model.init(k, None, jnp.zeros((1, 8), jnp.int32)))(
+      jax.random.PRNGKey(1))["params"]
   names, temps = list(demo.SHAPES[:4]), ["a photo of a {}.", "a {} drawing"]
   got = zs.class_embeddings(model, params, tok, names, temps, batch_size=3)
+  one = jax.jit(lambda t: model.apply({"params": params}, None, t)[1][0])
   ref = []
   for c in names:
-    z = [np.asarray(model.apply({"params": params}, None,
-                                jnp.asarray(tok([t.format(c).rstrip(".")])))[1][0],
-                    np.float64) for t in temps]
+    z = [np.asarray(one(tok([t.format(c).rstrip(".")])), np.float64)
+         for t in temps]
     m = np.mean(z, 0)
     ref.append(m / (1e-8 + np.linalg.norm(m)))
   np.testing.assert_allclose(got, np.stack(ref), atol=1e-5)

@@ -34,6 +34,7 @@ Importing this module registers the builder with tfds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 
 from etils import epath
@@ -128,8 +129,16 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
   raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
+@functools.lru_cache(maxsize=8)
+def _grid(size: int, offset: float) -> tuple[np.ndarray, np.ndarray]:
+  """Read-only (y, x) pixel coordinates ``(index + offset) / size``."""
+  yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + offset) / size
+  yy.flags.writeable = xx.flags.writeable = False
+  return yy, xx
+
+
 def _background(rng, texture, size, c0, c1):
-  yy, xx = np.mgrid[0:size, 0:size] / size
+  yy, xx = _grid(size, 0.0)
   if texture == "plain":
     t = np.zeros((size, size))
   elif texture == "gradient":
@@ -184,7 +193,7 @@ def draw_example(seed: int, split: str, index: int, *, image_size: int = 32,
   radius = rng.uniform(0.2, 0.4)
   cx, cy = rng.uniform(radius * 0.8, 1 - radius * 0.8, size=2)
   angle = rng.uniform(-np.pi / 12, np.pi / 12)
-  yy, xx = (np.mgrid[0:2 * s, 0:2 * s] + 0.5) / (2 * s)
+  yy, xx = _grid(2 * s, 0.5)
   dx, dy = (xx - cx) / radius, (yy - cy) / radius
   u = np.cos(angle) * dx + np.sin(angle) * dy
   v = -np.sin(angle) * dx + np.cos(angle) * dy
@@ -297,7 +306,9 @@ def build(data_dir: str, config: str | ShapesConfig = "default",
     base = dataclasses.asdict(BUILDER_CONFIGS[0])
     vals = {k: config_kwargs.get(k, base[k]) for k in
             ("image_size", "num_train", "num_test", "num_classes", "seed")}
-    name = config_kwargs.get("name") or "s{image_size}_n{num_train}_{num_test}_c{num_classes}_seed{seed}".format(**vals)
+    name = config_kwargs.get("name") or (
+        "s{image_size}_n{num_train}_{num_test}_c{num_classes}_seed{seed}"
+        .format(**vals))
     config = ShapesConfig(name=name, **vals)
   builder = tfds.builder(NAME, config=config, data_dir=data_dir)
   builder.download_and_prepare(

@@ -90,6 +90,14 @@ def pad_or_truncate(ids: Sequence[int], max_len: int, *, pad_value: int,
 
 
 def _read_bytes(path: str) -> bytes:
+  """Reads a local file directly, anything with a scheme (gs://) via tf.io.gfile."""
+  if "://" not in path:
+    try:
+      with open(path, "rb") as f:
+        return f.read()
+    except FileNotFoundError:
+      raise FileNotFoundError(
+          f"SentencePiece model file not found: {path!r}") from None
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(f"SentencePiece model file not found: {path!r}")
