@@ -112,6 +112,7 @@ def act_stats(x: jax.Array, mask: jax.Array | None = None) -> ActStats:
   n = tokens * c
   nf = jnp.maximum(n.astype(jnp.float32), 1.0)
   mean = jnp.sum(x * we) / nf
+  mean = mean + jnp.sum((x - mean) * we) / nf  # second pass: float32-accurate
   d = (x - mean) * we
   d2 = d * d
   m2, m3, m4 = jnp.sum(d2), jnp.sum(d2 * d), jnp.sum(d2 * d2)
