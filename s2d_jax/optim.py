@@ -174,7 +174,7 @@ def s2d(
   if not decoupled and learning_rate is not None:
     raise ValueError("s2d: learning_rate is only used with decoupled=True")
 
-  def init_fn(params):
+  def init_impl(params):
     kk = _static_int(k_max if k_max is not None else k, "k_max" if k_max is not None else "k")
     if kk < 1:
       raise ValueError("s2d: k_max must be >= 1 (pass k_max when k=0)")
@@ -183,7 +183,7 @@ def s2d(
     leaves = {spectral.path_str(p): x for p, x in spectral.leaves_with_paths(params)}
     basis, sigma, active = {}, {}, {}
     for name, (_, view) in spectral.select_kernels(params, mask, views).items():
-      b0 = spectral.init_basis(view, kk, spectral.path_key(sd, name))
+      b0 = spectral.init_basis(view, kk, sd, name)
       if n_init > 0:
         t = spectral.track(view, leaves[name], b0, n_init)
         basis[name] = t.basis
@@ -194,6 +194,15 @@ def s2d(
       active[name] = jnp.full(view.batch_shape, jnp.clip(jnp.asarray(k, jnp.int32), 0, kk),
                               jnp.int32)
     return S2DState(jnp.zeros([], jnp.int32), basis, sigma, active)
+
+  # With init_iters > 0: one compiled program for all kernels (init is usually
+  # called eagerly); without, init only builds numpy constants.
+  init_jit = jax.jit(init_impl)
+
+  def init_fn(params):
+    if _static_int(init_iters, "init_iters") > 0:
+      return init_jit(params)
+    return init_impl(params)
 
   def update_fn(updates, state, params=None):
     if params is None:

@@ -405,18 +405,17 @@ def basis_shape(view: MatrixView, k: int) -> tuple[int, ...]:
   return view.batch_shape + (min(view.rows, view.cols), effective_k(view, k))
 
 
-def init_basis(view: MatrixView, k: int, key: jax.Array) -> jax.Array:
-  """Deterministic random orthonormal basis of :func:`basis_shape` (float32)."""
+def init_basis(view: MatrixView, k: int, seed: int = 0, path: str = "") -> jax.Array:
+  """Deterministic random orthonormal basis of :func:`basis_shape` (float32).
+
+  Drawn with numpy from ``(seed, crc32(path))``: identical on every host and
+  replica, different per kernel, and no XLA program is compiled for it.
+  """
   shape = basis_shape(view, k)
-  g = jax.random.normal(key, shape, jnp.float32)
-  g = g.reshape((-1,) + shape[-2:])
-  q = jax.vmap(lambda x: _orth(x)[0])(g)
-  return q.reshape(shape)
-
-
-def path_key(seed: int, path: str) -> jax.Array:
-  """A PRNG key that depends only on ``seed`` and the path (stable across hosts)."""
-  return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
+  rng = np.random.default_rng([int(seed), zlib.crc32(path.encode())])
+  g = rng.standard_normal(shape)
+  q, _ = np.linalg.qr(g.reshape((-1,) + shape[-2:]))
+  return jnp.asarray(q.reshape(shape), jnp.float32)
 
 
 class Tracked(NamedTuple):
@@ -469,6 +468,6 @@ def top_k(w_mat: jax.Array, k: int, iters: int = 100, seed: int = 0) -> tuple[ja
   """
   *b, m, n = w_mat.shape
   view = MatrixView(tuple(w_mat.shape), len(b), 1)
-  basis = init_basis(view, k, jax.random.PRNGKey(seed))
+  basis = init_basis(view, k, seed)
   t = track(view, w_mat, basis, iters)
   return t.u, t.s, t.v

@@ -171,7 +171,7 @@ def test_track_matches_svd(rows, cols, k):
   rng = np.random.default_rng(rows * 100 + cols)
   mats = np.stack([planted(rng, rows, cols, 3.0 * 0.6 ** np.arange(10)) for _ in range(2)])
   view = spectral.MatrixView(mats.shape, 1, 1)
-  basis = spectral.init_basis(view, k, jax.random.PRNGKey(0))
+  basis = spectral.init_basis(view, k)
   keff = min(k, rows, cols)
   assert basis.shape == (2, min(rows, cols), keff)
   t = jax.jit(spectral.track, static_argnums=(0, 3))(view, jnp.asarray(mats), basis, 80)
@@ -217,7 +217,7 @@ def test_track_rank_deficient_zero_and_nonfinite():
   inf[0, 0] = np.inf
   mats = jnp.asarray(np.stack([rank1, zero, bad, inf]))
   view = spectral.MatrixView(mats.shape, 1, 1)
-  basis = spectral.init_basis(view, 3, jax.random.PRNGKey(4))
+  basis = spectral.init_basis(view, 3, seed=4)
   t = spectral.track(view, mats, basis, 30)
   for x in t[:4]:
     assert np.all(np.isfinite(np.asarray(x)))
@@ -232,10 +232,12 @@ def test_track_rank_deficient_zero_and_nonfinite():
 
 def test_init_basis_deterministic_and_path_keys():
   view = spectral.MatrixView((3, 10, 6), 1, 1)
-  a = spectral.init_basis(view, 2, spectral.path_key(0, "a/kernel"))
-  b = spectral.init_basis(view, 2, spectral.path_key(0, "a/kernel"))
-  c = spectral.init_basis(view, 2, spectral.path_key(0, "b/kernel"))
+  a = spectral.init_basis(view, 2, 0, "a/kernel")
+  b = spectral.init_basis(view, 2, 0, "a/kernel")
+  c = spectral.init_basis(view, 2, 0, "b/kernel")
+  d = spectral.init_basis(view, 2, 1, "a/kernel")
   np.testing.assert_array_equal(a, b)
-  assert not np.allclose(a, c)
+  assert not np.allclose(a, c) and not np.allclose(a, d)
+  assert a.dtype == jnp.float32 and a.shape == (3, 6, 2)
   np.testing.assert_allclose(np.einsum("lqk,lqj->lkj", a, a), np.broadcast_to(np.eye(2), (3, 2, 2)),
                              atol=1e-6)
