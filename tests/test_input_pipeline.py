@@ -109,13 +109,13 @@ def test_epochs_are_reshuffled_permutations(data_dir):
 def test_multi_process_training_shards_are_disjoint(data_dir):
   shards = []
   for p in range(2):
-    bs = _take(_train(data_dir, preprocess=PLAIN, batch_size=16,
+    bs = _take(_train(data_dir, preprocess=PLAIN, batch_size=8,
                       process_index=p, process_count=2), 6)
     assert bs[0]["image"].shape[0] == 8
     shards.append([_h(im) for b in bs for im in b["image"]])
   assert len(set(shards[0])) == 48 and len(set(shards[1])) == 48
   assert not set(shards[0]) & set(shards[1])
-  assert ip.steps_per_epoch(NAME, "train", batch_size=16, data_dir=data_dir,
+  assert ip.steps_per_epoch(NAME, "train", batch_size=8, data_dir=data_dir,
                             process_count=2) == 6
 
 
@@ -144,9 +144,9 @@ def test_eval_pads_and_masks(data_dir):
 def test_eval_multi_process_covers_each_example_once(data_dir):
   pp = "keep('image','label')"
   seen, nbs = [], []
-  for p in range(3):   # 48 examples over 3 processes, local batch 5
+  for p in range(3):   # 47 examples over 3 processes (16, 16, 15), batch 5
     ds, nb = ip.get_eval_dataset(NAME, "test[:47]", preprocess=pp,
-                                 batch_size=15, process_index=p,
+                                 batch_size=5, process_index=p,
                                  process_count=3, data_dir=data_dir)
     bs = list(ds.as_numpy_iterator())
     assert len(bs) == nb and bs[0]["image"].shape[0] == 5
@@ -200,9 +200,11 @@ def test_argument_errors(data_dir):
   with pytest.raises(ValueError, match=r"bad split 'validation'.*\['test', 'train'\]"):
     ip.get_dataset(NAME, "validation", batch_size=8, process_index=0,
                    process_count=1, **kw)
-  with pytest.raises(ValueError, match="batch_size=10 .* process_count=4"):
-    ip.get_dataset(NAME, "train", batch_size=10, process_index=0,
-                   process_count=4, **kw)
+  for bad in (0, -2, 2.5, True):
+    with pytest.raises(ValueError, match="batch_size .per process. must be a "
+                       "positive int"):
+      ip.get_dataset(NAME, "train", batch_size=bad, process_index=0,
+                     process_count=4, **kw)
   with pytest.raises(ValueError, match="process_index=2 not in"):
     ip.get_dataset(NAME, "train", batch_size=8, process_index=2,
                    process_count=2, **kw)
@@ -220,6 +222,6 @@ def test_argument_errors(data_dir):
 
 
 def test_default_process_is_jax_process(data_dir):
-  b = _take(ip.get_dataset(NAME, "train", preprocess=PLAIN, batch_size=8,
-                           data_dir=data_dir), 1)[0]
+  b = next(ip.train_iterator(NAME, "train", preprocess=PLAIN, batch_size=8,
+                             data_dir=data_dir))
   assert b["image"].shape == (8, 16, 16, 3)   # jax.process_count() == 1

@@ -9,9 +9,10 @@ dataset and the directory.
 Sharding. Process ``p`` of ``P`` reads only its part of the split,
 ``tfds.split_for_jax_process(split, process_index=p, process_count=P)``
 (``tfds.even_splits``; for training with ``drop_remainder=True`` so that every
-process has the same ``n`` examples). ``batch_size`` is the *global* batch size;
-each process yields ``batch_size // P`` examples per step (big_vision's
-convention).
+process has the same ``n`` examples). ``batch_size`` is the *per-process*
+(local) batch size ``b``: each process yields ``b`` examples per step and the
+global batch is ``b * P`` (big_vision's ``config.input.batch_size`` is global:
+pass ``batch_size=global // jax.process_count()``).
 
 Training order (deterministic, resumable). Records are read in file order
 (tfds shuffles examples when it writes them, so files are already in random
@@ -20,7 +21,7 @@ shuffle of the shard with a ``shuffle_buffer_size`` buffer seeded by
 ``fold_in((seed, p), e)``, so every epoch has its own order and the whole
 stream is a fixed function of ``(seed, p, P)``. Batches run across epoch
 boundaries (the stream is the concatenation of epochs 0, 1, 2, ...). Resuming
-at step ``s`` starts at example ``s * local_batch`` of that stream: epoch ``e =
+at step ``s`` starts at example ``s * b`` of that stream: epoch ``e =
 ⌊s b / n⌋`` and ``skip(s b mod n)`` inside it; the skip happens before
 decoding, so it costs at most one epoch of record reads, and the batches are
 identical to those of an uninterrupted run. Random augmentations are
@@ -29,7 +30,7 @@ reproducible too: every example carries the stateless seed
 :mod:`s2d_jax.models.preprocess` random ops consume.
 
 Evaluation. :func:`get_eval_dataset` reads the shard in order, pads it with
-all-zero examples to ``k * local_batch`` where ``k = ⌈max_p n_p / local_batch⌉``
+all-zero examples to ``k * b`` where ``k = ⌈max_p n_p / b⌉``
 (the same number of batches on every process, as multi-host ``jit`` needs) and
 adds ``'_mask'`` (1 = real example, 0 = padding).
 """
@@ -109,11 +110,12 @@ def num_examples(name: str, split: str, *, data_dir: str | None = None,
   return builder.info.splits[sub].num_examples
 
 
-def _local_batch(batch_size, process_count):
-  if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(f"batch_size={batch_size} (global) must be a positive "
-                     f"multiple of process_count={process_count}")
-  return batch_size // process_count
+def _local_batch(batch_size):
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+      or batch_size <= 0:
+    raise ValueError(f"batch_size (per process) must be a positive int, got "
+                     f"{batch_size!r}")
+  return int(batch_size)
 
 
 def _raw(builder, split, *, process_index, process_count, drop_remainder,
@@ -169,7 +171,8 @@ def get_dataset(name: str, split: str, *, preprocess: str | Callable | None,
     name: tfds name (``"cifar100"``, ``"s2d_demo_shapes/tiny"``, ...).
     split: tfds split string (``"train[:99%]"``).
     preprocess: big_vision pp string (or a function on example dicts).
-    batch_size: global batch size (divided among processes).
+    batch_size: examples per batch *of this process* (global batch =
+      batch_size * process_count).
     process_index, process_count: this process / all (default: jax's).
     shuffle: shuffle each epoch (otherwise file order every epoch).
     seed: data seed (order and augmentation).
@@ -183,11 +186,10 @@ def get_dataset(name: str, split: str, *, preprocess: str | Callable | None,
       the results).
 
   Returns:
-    A ``tf.data.Dataset`` of dicts with a leading ``batch_size //
-    process_count`` axis.
+    A ``tf.data.Dataset`` of dicts with a leading ``batch_size`` axis.
   """
   process_index, process_count = _process(process_index, process_count)
-  local = _local_batch(batch_size, process_count)
+  local = _local_batch(batch_size)
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}")
   builder = get_builder(name, data_dir)
@@ -231,8 +233,8 @@ def get_dataset(name: str, split: str, *, preprocess: str | Callable | None,
 
 def steps_per_epoch(name: str, split: str, *, batch_size: int,
                     data_dir: str | None = None, process_count: int = 1) -> int:
-  """⌊n / local_batch⌋ with n the (equal) per-process training shard size."""
-  local = _local_batch(batch_size, process_count)
+  """⌊n / batch_size⌋, n = the (equal) per-process training shard size."""
+  local = _local_batch(batch_size)
   n = num_examples(name, split, data_dir=data_dir, process_index=0,
                    process_count=process_count, drop_remainder=True)
   return n // local
@@ -241,6 +243,9 @@ def steps_per_epoch(name: str, split: str, *, batch_size: int,
 def iterate_train(*args, **kwargs) -> Iterator[dict[str, np.ndarray]]:
   """:func:`get_dataset` as an iterator of numpy batches."""
   return get_dataset(*args, **kwargs).as_numpy_iterator()
+
+
+train_iterator = iterate_train
 
 
 def get_eval_dataset(name: str, split: str, *, preprocess: str | Callable | None,
@@ -254,11 +259,11 @@ def get_eval_dataset(name: str, split: str, *, preprocess: str | Callable | None
 
   Returns:
     ``(dataset, num_batches)``; every process gets the same ``num_batches``
-    (``⌈max_p n_p / local_batch⌉``, at least 1); padding examples are all
+    (``⌈max_p n_p / batch_size⌉``, at least 1); padding examples are all
     zeros with ``_mask = 0``.
   """
   process_index, process_count = _process(process_index, process_count)
-  local = _local_batch(batch_size, process_count)
+  local = _local_batch(batch_size)
   builder = get_builder(name, data_dir)
   n, raw = _raw(builder, split, process_index=process_index,
                 process_count=process_count, drop_remainder=False,
@@ -313,5 +318,6 @@ def num_classes(name: str, data_dir: str | None = None, key: str = "label") -> i
 
 __all__ = ["DatasetNotFoundError", "MASK_KEY", "get_builder", "get_dataset",
            "get_eval_dataset", "get_info", "iterate_eval", "iterate_train",
+           "train_iterator",
            "num_classes", "num_examples", "steps_per_epoch"]
 
