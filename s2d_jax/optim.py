@@ -150,7 +150,8 @@ def s2d(
     power: n > 0 (the paper uses 2).
     iters: subspace iterations per step (1 tracks slowly drifting weights).
     mask: None selects float leaves named ``kernel`` with a matrix view;
-      otherwise an optax-style tree of booleans or callable ``params -> tree``.
+      otherwise an optax-style tree of booleans (or prefix) or callable
+      ``params -> tree``; see :func:`s2d_jax.spectral.select_kernels`.
     views: matrix-view overrides, see :func:`s2d_jax.spectral.matrix_view`.
     k_max: tracked components K (default ``k``); must be a static int.
       Clamped per kernel to ``min(K, rows, cols)``; the missing ``sigma`` are 0.

@@ -293,18 +293,23 @@ def default_selected(path: Sequence[str], leaf: Any) -> bool:
       getattr(leaf, "ndim", 0) >= 2)
 
 
-def _mask_leaves(params: Any, mask: Any) -> list[bool]:
-  """Per-leaf booleans (params' leaf order) from an optax-style mask."""
+def _mask_leaves(params: Any, mask: Any) -> list[tuple[bool, bool]]:
+  """Per params leaf: (selected, explicit) from an optax-style mask.
+
+  ``explicit`` is True when the mask's boolean sits on the leaf itself rather
+  than on an enclosing subtree (a prefix).
+  """
   mask_tree = mask(params) if callable(mask) else mask
   try:
     full = jax.tree_util.tree_map(
-        lambda m, sub: jax.tree_util.tree_map(lambda _: bool(m), sub),
+        lambda m, sub: jax.tree_util.tree_map(
+            lambda _: (bool(m), jax.tree_util.tree_structure(sub).num_nodes == 1), sub),
         mask_tree, params)
   except (ValueError, TypeError) as e:
     raise ValueError(
         "mask must be a tree of booleans with the structure of params (or a "
         f"prefix of it), or a callable returning one: {e}") from e
-  return [bool(b) for b in jax.tree_util.tree_leaves(full)]
+  return jax.tree_util.tree_leaves(full, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def select_kernels(params: Any, mask: Any = None,
@@ -314,12 +319,15 @@ def select_kernels(params: Any, mask: Any = None,
   Args:
     params: the parameter tree (``optax.MaskedNode`` subtrees are skipped).
     mask: None for :func:`default_selected`; otherwise an optax-style tree of
-      booleans (or a prefix of it), or a callable ``params -> tree``. Every
-      leaf the mask selects must be floating point and have a matrix view.
+      booleans (or a prefix of it), or a callable ``params -> tree``. A True
+      on a subtree selects its floating-point leaves that have a matrix view
+      (others, e.g. biases, are skipped); a True on a leaf itself requires
+      that leaf to be floating point with a matrix view.
     views: view overrides (see :func:`matrix_view`).
 
   Raises:
-    ValueError: a masked-in leaf is not floating point or has no matrix view.
+    ValueError: a leaf selected by its own mask entry is not floating point or
+      has no matrix view; a malformed mask.
   """
   items = leaves_with_paths(params)
   chosen = None if mask is None else _mask_leaves(params, mask)
@@ -332,7 +340,10 @@ def select_kernels(params: Any, mask: Any = None,
       if view is None:
         continue
     else:
-      if not chosen[i]:
+      on, explicit = chosen[i]
+      if not on:
+        continue
+      if not explicit and (not is_float(leaf) or matrix_view(path, leaf.shape, views) is None):
         continue
       if not is_float(leaf):
         raise ValueError(

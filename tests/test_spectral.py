@@ -145,6 +145,10 @@ def test_select_kernels_default_and_mask():
   assert list(spectral.select_kernels(params, mask)) == ["Embed_0/embedding"]
   assert list(spectral.select_kernels(
       params, lambda p: {**jax.tree.map(lambda _: False, p), "Dense_0": True})) == ["Dense_0/kernel"]
+  # A prefix True skips leaves without a view / non-float leaves.
+  assert list(spectral.select_kernels(
+      params, {**jax.tree.map(lambda _: False, params), "embedding": True, "quant": True,
+               "vec": True})) == ["embedding/kernel"]
   mask["quant"]["kernel"] = True
   with pytest.raises(ValueError, match="quant/kernel.*int8"):
     spectral.select_kernels(params, mask)
