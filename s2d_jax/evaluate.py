@@ -74,7 +74,7 @@ def parse_settings(names: Sequence[str | quant.QuantSetting]) -> list:
     names = [n for n in names.split(",") if n]
   out, seen = [], set()
   for n in names:
-    s = None if n == FLOAT else quant.get_setting(n)
+    s = None if n is None or n == FLOAT else quant.get_setting(n)
     key = FLOAT if s is None else s.name
     if key in seen:
       raise ValueError(f"quant setting {key!r} listed twice")
