@@ -1,3 +1,26 @@
-"""s2d_jax: Selective Spectral Decay (S2D) for quantization-friendly ViTs in JAX/Flax."""
+"""s2d_jax: Selective Spectral Decay (S2D) for quantization-friendly ViTs in JAX/Flax.
+
+    import optax, s2d_jax
+    tx = optax.chain(s2d_jax.s2d(k=1), optax.adamw(1e-4, weight_decay=1e-4))
+
+Submodules (imported on first use, so `import s2d_jax` stays light):
+`spectral`, `optim`, `pcdr`, `capture`, `quant`, `quant_model`, `outliers`,
+`evaluate`, `train`, `models`, `data`.
+"""
+
+from s2d_jax import _lazy
+from s2d_jax.optim import S2DState
+from s2d_jax.optim import find_s2d_state
+from s2d_jax.optim import s2d
+from s2d_jax.optim import s2d_adamw
+from s2d_jax.optim import set_active
+from s2d_jax.optim import sigma_estimates
 
 __version__ = "0.1.0"
+
+_SUBMODULES = ("spectral", "optim", "pcdr", "capture", "quant", "quant_model",
+               "outliers", "evaluate", "plots", "train", "checkpointing",
+               "config_utils", "metrics", "models", "data")
+
+
+__getattr__, __dir__ = _lazy.attach(__name__, _SUBMODULES, globals())
