@@ -346,8 +346,6 @@ def test_dropout_train_mode_scan_and_loop():
     m = vit.Model(None, **TINY, pool_type="gap", dropout=0.5, scan=scan)
     p = _rand_params(m, x)
     y_eval, _ = _apply(m, p, x)
-    y_eval2, _ = _apply(m, p, x, train=False)
-    np.testing.assert_array_equal(y_eval, y_eval2)
     y_tr, _ = _apply(m, p, x, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
     assert not np.allclose(y_tr, y_eval)
 

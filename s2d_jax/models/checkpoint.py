@@ -417,5 +417,7 @@ def merge_params(loaded: Mapping[str, Any], expected: Mapping[str, Any],
       raise CheckpointError(f"No init values given for not-loaded params {need_init}")
     inf = flatten(init)
     for k in need_init:
+      if k not in inf:
+        raise CheckpointError(f"No init value given for not-loaded param {k!r}")
       merged[k] = inf[k]
   return unflatten(merged)

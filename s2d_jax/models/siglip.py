@@ -151,14 +151,20 @@ def infer_text_config(txt: Mapping[str, Any], where: str = "txt") -> tuple[dict,
   return cfg, info
 
 
+def _check_two_towers(params: Mapping[str, Any]) -> None:
+  if not any(t in params for t in TOWERS):
+    hint = ("; this is a plain ViT checkpoint: use load_vit or load_classifier"
+            if "Transformer" in params else "")
+    raise CheckpointError("Not a two-towers checkpoint: no 'img' or 'txt' subtree "
+                          f"(top-level keys: {sorted(params)}){hint}")
+
+
 def infer_config(params: Mapping[str, Any]) -> tuple[dict, dict]:
   """(two_towers.Model kwargs, info) from a two-towers parameter tree.
 
   info: {'img': {'res', 'grid', 'layout'}, 'txt': {'seq_len', 'vocab_size', 'layout'}}.
   """
-  if not any(t in params for t in TOWERS):
-    raise CheckpointError("Not a two-towers checkpoint: no 'img' or 'txt' subtree "
-                          f"(top-level keys: {sorted(params)})")
+  _check_two_towers(params)
   if "t" not in params:
     raise CheckpointError("missing key in checkpoint: t (the SigLIP temperature)")
   cfg: dict[str, Any] = {}
@@ -229,9 +235,7 @@ def build(params: Mapping[str, Any], *, towers: Sequence[str] = TOWERS,
   towers = tuple(towers)
   if not towers or set(towers) - set(TOWERS):
     raise ValueError(f"towers must be a non-empty subset of {TOWERS}, got {towers}")
-  if not any(t in params for t in TOWERS):
-    raise CheckpointError("Not a two-towers checkpoint: no 'img' or 'txt' subtree "
-                          f"(top-level keys: {sorted(params)})")
+  _check_two_towers(params)
   params = {k: v for k, v in params.items() if k not in TOWERS or k in towers}
   for t in towers:
     if t not in params:
@@ -267,11 +271,16 @@ def build(params: Mapping[str, Any], *, towers: Sequence[str] = TOWERS,
 def _finish(model: nn.Module, params, expected, dont_load, param_dtype, seed,
             dummy_args) -> dict:
   pats = ckpt_lib.compile_patterns(dont_load)
-  needs_init = any(p.fullmatch(k) for k in ckpt_lib.flatten(expected) for p in pats)
+  need = sorted(k for k in ckpt_lib.flatten(expected) if any(p.fullmatch(k) for p in pats))
   init = None
-  if needs_init:
-    init = jax.jit(model.init)(jax.random.PRNGKey(seed), *[
-        None if a is None else jnp.zeros(a.shape, a.dtype) for a in dummy_args])["params"]
+  if need:
+    # Only the not-loaded leaves are computed (XLA drops the rest of the init), so a
+    # new head on a 1B-parameter tower does not materialise a random 1B-param copy.
+    dummies = [None if a is None else jnp.zeros(a.shape, a.dtype) for a in dummy_args]
+    init_some = jax.jit(lambda rng: {
+        k: v for k, v in ckpt_lib.flatten(model.init(rng, *dummies)["params"]).items()
+        if k in need})
+    init = ckpt_lib.unflatten(init_some(jax.random.PRNGKey(seed)))
   merged = ckpt_lib.merge_params(params, expected, dont_load, init)
   if param_dtype is not None:
     merged = jax.tree.map(lambda x: np.asarray(x).astype(param_dtype), merged)
