@@ -112,15 +112,11 @@ def _is_remote(path: str) -> bool:
 
 
 def _read_bytes(path: str) -> bytes:
-  if _is_remote(path):
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    if not tf.io.gfile.exists(path):
-      raise FileNotFoundError(f"Checkpoint not found: {path}")
-    with tf.io.gfile.GFile(path, "rb") as f:
-      return f.read()
-  if not os.path.exists(path):
+  """Whole file via tf.io.gfile (gs://, ram://, ...)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  if not tf.io.gfile.exists(path):
     raise FileNotFoundError(f"Checkpoint not found: {path}")
-  with open(path, "rb") as f:
+  with tf.io.gfile.GFile(path, "rb") as f:
     return f.read()
 
 
@@ -130,9 +126,14 @@ def npload(path: str) -> dict[str, np.ndarray]:
   Raises FileNotFoundError for a missing file and CheckpointError for anything that
   is not a complete, valid npz (not a zip, truncated, bad CRC, corrupt member).
   """
-  data = _read_bytes(path)
+  if _is_remote(path):  # np.load needs seeks: read the whole object first
+    source = io.BytesIO(_read_bytes(path))
+  elif os.path.exists(path):
+    source = path  # local: no second in-memory copy of a multi-GB file
+  else:
+    raise FileNotFoundError(f"Checkpoint not found: {path}")
   try:
-    npz = np.load(io.BytesIO(data), allow_pickle=False)
+    npz = np.load(source, allow_pickle=False)
   except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
     raise CheckpointError(
         f"{path}: not a readable .npz checkpoint (corrupt or truncated file?): "
