@@ -261,3 +261,21 @@ def test_merge_params_errors_and_dont_load():
     ck.merge_params(loaded, expected, dont_load=["/head"])
   with pytest.raises(ValueError, match="Bad dont_load regex"):
     ck.merge_params(loaded, expected, dont_load=["head/(("])
+
+
+def test_npz_shapes_reads_headers_only(tmp_path):
+  t = _tree(np.random.default_rng(8), bf16=True)
+  path = str(tmp_path / "c.npz")
+  ck.save(path, t)
+  shapes = ck.npz_shapes(path)
+  flat = ck.flatten(t)
+  assert set(shapes) == {"params/" + k for k in flat}
+  for k, v in flat.items():
+    assert shapes["params/" + k].shape == v.shape
+    assert shapes["params/" + k].dtype == v.dtype, k  # bf16 reported as bf16
+  data = open(path, "rb").read()
+  (tmp_path / "junk.npz").write_bytes(data[-200:])
+  with pytest.raises(CheckpointError, match="not a readable .npz"):
+    ck.npz_shapes(str(tmp_path / "junk.npz"))
+  with pytest.raises(FileNotFoundError):
+    ck.npz_shapes(str(tmp_path / "none.npz"))

@@ -103,6 +103,10 @@ def test_load_infers_config_and_reproduces_outputs(tmp_path, arch, layout, prefi
     params = jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), params)
 
   m2, p2 = siglip.load(path)
+  cfg, info = siglip.inspect(path)  # headers only
+  assert two_towers.Model(**cfg) == m2
+  assert info["img"]["res"] == ARCHS[arch][1] and info["txt"]["seq_len"] == ARCHS[arch][2]
+  assert info["txt"]["vocab_size"] == ARCHS[arch][0]["text"]["vocab_size"]
   want_img = {**ARCHS[arch][3], "scan": layout == "scan"}
   assert m2.image == want_img
   assert m2.text["vocab_size"] == ARCHS[arch][0]["text"]["vocab_size"]

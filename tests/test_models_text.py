@@ -163,3 +163,19 @@ def test_sigmoid_loss_matches_numpy_and_grad():
   np.testing.assert_allclose(g, [ref], rtol=1e-4)
   with pytest.raises(ValueError, match="same shape"):
     two_towers.sigmoid_loss(zi, zt[:3], t, b)
+
+
+def test_text_dtype_mm_and_configdict_towers():
+  import ml_collections
+  tok = _tokens()
+  m = text.Model(None, **TINY, vocab_size=50, dtype_mm="bfloat16")
+  p = _rand_params(m, tok, scale=0.1)
+  y16, o16 = _apply(m, p, tok)
+  y32, _ = _apply(text.Model(None, **TINY, vocab_size=50), p, tok)
+  assert o16["block00"]["sa"].dtype == jnp.bfloat16
+  np.testing.assert_allclose(y16.astype(np.float32), y32, rtol=0.1, atol=0.05)
+  # big_vision configs pass ConfigDicts for the towers
+  cfg = ml_collections.ConfigDict(dict(image=IMG, text=TXT, out_dim=(None, 32)))
+  mc = two_towers.Model(**cfg)
+  s = _shapes(mc, jnp.zeros((1, 32, 32, 3)), tok)
+  assert s["txt"]["head"]["kernel"].shape == (32, 32)

@@ -155,6 +155,45 @@ def npload(path: str) -> dict[str, np.ndarray]:
   return out
 
 
+class ArrayInfo:
+  """Shape and dtype of a stored array (quacks like jax.ShapeDtypeStruct)."""
+
+  def __init__(self, shape, dtype):
+    self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+  def __repr__(self):
+    return f"ArrayInfo(shape={self.shape}, dtype={self.dtype})"
+
+
+def npz_shapes(path: str) -> dict[str, ArrayInfo]:
+  """{name: ArrayInfo} of an npz, reading only the .npy headers (no array data) for
+  local files; bfloat16 (2-byte void) is reported as bfloat16."""
+  if _is_remote(path):
+    return {k: ArrayInfo(v.shape, v.dtype) for k, v in npload(path).items()}
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Checkpoint not found: {path}")
+  out = {}
+  try:
+    with zipfile.ZipFile(path) as z:
+      for info in z.infolist():
+        if not info.filename.endswith(".npy"):
+          continue
+        with z.open(info) as f:
+          version = np.lib.format.read_magic(f)
+          read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                         else np.lib.format.read_array_header_2_0)
+          shape, _, dtype = read_header(f)
+        if dtype.kind == "V" and dtype.itemsize == 2:
+          dtype = np.dtype(ml_dtypes.bfloat16)
+        out[info.filename[:-4]] = ArrayInfo(shape, dtype)
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+    raise CheckpointError(f"{path}: not a readable .npz checkpoint (corrupt or "
+                          f"truncated file?): {type(e).__name__}: {e}") from e
+  if not out:
+    raise CheckpointError(f"{path}: the npz file holds no arrays")
+  return out
+
+
 def strip_prefix(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Removes big_vision's checkpoint wrappers: `params/...` or `opt/target/...`.
 

@@ -185,6 +185,17 @@ def infer_config(params: Mapping[str, Any]) -> tuple[dict, dict]:
   return cfg, info
 
 
+def inspect(path: str) -> tuple[dict, dict]:
+  """(two_towers.Model kwargs, info) of an npz without loading its arrays.
+
+  info['img']['res'] is the pretraining resolution (for preprocessing),
+  info['txt']['seq_len'] / ['vocab_size'] the tokenizer settings. Only the .npy
+  headers are read for local files.
+  """
+  flat = ckpt_lib.strip_prefix(ckpt_lib.npz_shapes(path))
+  return infer_config(ckpt_lib.unflatten(flat))
+
+
 # ----------------------------------------------------------------------------------
 # Loading.
 
