@@ -315,3 +315,34 @@ def test_full_size_shapes_and_inference(image, txt_variant, res, vocab, seq, emb
   assert cfg["out_dim"] == (None, emb) and cfg["bias_init"] == -10.0
   assert info["img"]["res"] == res and info["txt"]["seq_len"] == seq
   assert vit.decode_variant(image)["width"] == s["img"]["embedding"]["kernel"].shape[-1]
+
+
+def test_checkpoint_names_resolve_without_download(monkeypatch, tmp_path):
+  seen = []
+
+  def fake_load_params(path):
+    seen.append(path)
+    raise FileNotFoundError(path)
+
+  monkeypatch.setattr(ck, "load_params", fake_load_params)
+  with pytest.raises(FileNotFoundError):
+    siglip.load("SigLIP2 g-opt/16 384")
+  with pytest.raises(FileNotFoundError):
+    siglip.load_classifier("SigLIP So400m/14 224", 10)
+  assert seen == ["gs://big_vision/siglip2/siglip2_g-opt16_384.npz",
+                  "gs://big_vision/siglip/webli_en_so400m_224_57633886.npz"]
+  assert siglip.resolve("/local/x.npz") == "/local/x.npz"
+  # every SigLIP2 name encodes variant and resolution the way big_vision's files do
+  for name, path in siglip.CHECKPOINTS.items():
+    fam, variant, res = name.split(" ")
+    if fam == "SigLIP2":
+      assert path.endswith(f"{variant.lower().replace('/', '')}_{res}.npz"), name
+      vit.decode_variant(variant)  # a valid variant string
+
+
+def test_load_classifier_num_classes_conflict(tmp_path):
+  _, params, _, _ = _make("mu")
+  with pytest.raises(ValueError, match="disagree"):
+    siglip.load_classifier(params, 10, num_classes=5)
+  m, p = siglip.load_classifier(params, 10, num_classes=10, variant="mu/8")
+  assert m.num_classes == 10 and p["head"]["kernel"].shape == (32, 10)

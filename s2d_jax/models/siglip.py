@@ -43,6 +43,32 @@ from s2d_jax.models import vit
 CheckpointError = ckpt_lib.CheckpointError
 TOWERS = ("img", "txt")
 
+# Public big_vision checkpoints by name (as big_vision's two_towers.VANITY_NAMES):
+# `load("SigLIP2 B/16 384")` == `load("gs://big_vision/siglip2/siglip2_b16_384.npz")`.
+_BV = "gs://big_vision/"
+CHECKPOINTS = {
+    "SigLIP B/16 224": _BV + "siglip/webli_en_b16_224_63724782.npz",
+    "SigLIP B/16 256": _BV + "siglip/webli_en_b16_256_60500360.npz",
+    "SigLIP B/16 384": _BV + "siglip/webli_en_b16_384_68578854.npz",
+    "SigLIP B/16 512": _BV + "siglip/webli_en_b16_512_68580893.npz",
+    "SigLIP L/16 256": _BV + "siglip/webli_en_l16_256_60552751.npz",
+    "SigLIP L/16 384": _BV + "siglip/webli_en_l16_384_63634585.npz",
+    "SigLIP So400m/14 224": _BV + "siglip/webli_en_so400m_224_57633886.npz",
+    "SigLIP So400m/14 384": _BV + "siglip/webli_en_so400m_384_58765454.npz",
+    "SigLIP B/16-i18n 256": _BV + "siglip/webli_i18n_b16_256_66117334.npz",
+    "SigLIP So400m/16-i18n 256": _BV + "siglip/webli_i18n_so400m_16_256_78061115.npz",
+    **{f"SigLIP2 {v} {r}": _BV + f"siglip2/siglip2_{v.lower().replace('/', '')}_{r}.npz"
+       for v, rs in (("B/16", (224, 256, 384, 512)), ("B/32", (256,)),
+                     ("L/16", (256, 384, 512)), ("So400m/14", (224, 384)),
+                     ("So400m/16", (256, 384, 512)), ("g-opt/16", (256, 384)))
+       for r in rs},
+}
+
+
+def resolve(path: str) -> str:
+  """A name from CHECKPOINTS -> its gs:// path; anything else unchanged."""
+  return CHECKPOINTS.get(path, path)
+
 
 # ----------------------------------------------------------------------------------
 # Reading the architecture off the shapes.
@@ -192,7 +218,7 @@ def inspect(path: str) -> tuple[dict, dict]:
   info['txt']['seq_len'] / ['vocab_size'] the tokenizer settings. Only the .npy
   headers are read for local files.
   """
-  flat = ckpt_lib.strip_prefix(ckpt_lib.npz_shapes(path))
+  flat = ckpt_lib.strip_prefix(ckpt_lib.npz_shapes(resolve(path)))
   return infer_config(ckpt_lib.unflatten(flat))
 
 
@@ -306,7 +332,7 @@ def load(path: str, **overrides) -> tuple[two_towers.Model, dict]:
   See the module docstring for the overrides. Raises FileNotFoundError, or
   CheckpointError (a ValueError) naming the key / shapes / dtype at fault.
   """
-  return build(ckpt_lib.load_params(path), **overrides)
+  return build(ckpt_lib.load_params(resolve(path)), **overrides)
 
 
 def save(path: str, params: Mapping[str, Any]) -> None:
@@ -315,8 +341,8 @@ def save(path: str, params: Mapping[str, Any]) -> None:
 
 
 def _image_tree(path_or_params) -> dict:
-  params = (ckpt_lib.load_params(path_or_params) if isinstance(path_or_params, str)
-            else path_or_params)
+  params = (ckpt_lib.load_params(resolve(path_or_params))
+            if isinstance(path_or_params, str) else path_or_params)
   if "img" in params:
     return params["img"]
   if "embedding" in params and "Transformer" in params:
@@ -354,15 +380,21 @@ def load_vit(path_or_params, *, res=None, dont_load=(), param_dtype=None, seed=0
   return model, _finish(model, img, expected, dont_load, param_dtype, seed, (x,))
 
 
-def load_classifier(path_or_params, num_classes: int, **overrides
+def load_classifier(path_or_params, num_classes: int, /, **overrides
                     ) -> tuple[vit._Model, dict]:  # pylint: disable=protected-access
   """Image tower + a new zero-initialised linear head `head` (kernel (D, K), bias (K,)).
 
   The checkpoint's own head (if any) is dropped; this is the paper's ImageNet
-  fine-tuning model: logits = pool(ViT(x)) @ 0 + 0 at step 0.
+  fine-tuning model: logits = pool(ViT(x)) @ 0 + 0 at step 0. Overrides are
+  `load_vit`'s (res, scan, dtype_mm, pool_type, variant, dont_load, ...); they may
+  repeat num_classes (e.g. `**config.model`) if it agrees.
   """
   if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+  if overrides.get("num_classes", num_classes) != num_classes:
+    raise ValueError(f"num_classes={num_classes} and overrides num_classes="
+                     f"{overrides['num_classes']} disagree")
+  overrides.pop("num_classes", None)
   img = dict(_image_tree(path_or_params))
   img.pop("head", None)
   dont_load = list(overrides.pop("dont_load", ()))
