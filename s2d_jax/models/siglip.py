@@ -267,8 +267,9 @@ def build(params: Mapping[str, Any], *, towers: Sequence[str] = TOWERS,
   """`load` for an in-memory big_vision two-towers parameter tree (see module doc)."""
   bad = set(overrides) - set(_TOWER_KEYS) - _MODEL_FIELDS
   if bad:
-    raise TypeError(f"Unknown override(s) {sorted(bad)}; known: "
-                    f"{sorted(set(_TOWER_KEYS) | _MODEL_FIELDS | {'res', 'towers', 'dont_load', 'param_dtype', 'seed', 'image', 'text'})}")
+    known = set(_TOWER_KEYS) | _MODEL_FIELDS | {
+        "res", "towers", "dont_load", "param_dtype", "seed", "image", "text"}
+    raise TypeError(f"Unknown override(s) {sorted(bad)}; known: {sorted(known)}")
   towers = tuple(towers)
   if not towers or set(towers) - set(TOWERS):
     raise ValueError(f"towers must be a non-empty subset of {TOWERS}, got {towers}")
