@@ -14,7 +14,7 @@ from s2d_jax.models import vit
 # ((B, h, w, D) and (B, D)); these tests do not need the head's inputs.
 NO_HEAD = lambda path: path[-1:] != ("head",)
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4, patch_size=(8, 8),
-            pool_type="map", head_zeroinit=False)
+            pool_type="gap", head_zeroinit=False)
 
 
 def np_reference(x):
@@ -120,11 +120,12 @@ def _loop_to_scan(params, depth):
 def test_model_stats_mask_and_scan_equals_loop(tiny):
   model, params, x, inputs = tiny
   mask = jnp.array([1, 0, 1, 1])
-  st = jax.jit(ol.stats_apply(model.apply))({"params": params}, mask, x)[1]
+  f = jax.jit(ol.stats_apply(model.apply))
+  st = f({"params": params}, mask, x)[1]
   summ = ol.summarize(ol.merge_stats(None, st))
   # the masked example does not count: garbage in its place changes nothing
   xg = x.at[1].set(1e3 * jax.random.normal(jax.random.key(9), x.shape[1:]))
-  ref = jax.jit(ol.stats_apply(model.apply))({"params": params}, mask, xg)[1]
+  ref = f({"params": params}, mask, xg)[1]
   ref = ol.summarize(ol.merge_stats(None, ref))
   assert summ.keys() == ref.keys()
   for k in summ:
