@@ -385,8 +385,24 @@ def load_model(config, workdir: str | None, params=None):
   return build_model(config), params, dict(kind="orbax", path=path)
 
 
-def _zeroshot_fns(config, model, params):
-  """(apply_fn on images, output_fn zimg → logits) for two-tower zero-shot."""
+def zeroshot_fns(model, class_emb) -> tuple[Callable, Callable]:
+  """``(apply_fn, output_fn)`` for zero-shot evaluation of a two-tower model.
+
+  ``apply_fn(v, images, **kw)`` runs the image tower only (so only it is
+  quantized); ``output_fn`` maps its output to ``zimg @ class_embᵀ``
+  ``(B, classes)``. ``class_emb (C, D)``: L2-normalised class embeddings.
+  """
+  from s2d_jax.models import zeroshot  # pylint: disable=g-import-not-at-top
+  emb = jnp.asarray(class_emb, jnp.float32)
+
+  def apply_fn(v, images, **kw):
+    return model.apply(v, images, None, **kw)
+
+  return apply_fn, lambda out: zeroshot.zeroshot_logits(out[0], emb)
+
+
+def _zeroshot_from_config(config, model, params):
+  """Class embeddings from the float text tower (tokenizer, names, templates)."""
   from s2d_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from s2d_jax.models import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   from s2d_jax.models import zeroshot  # pylint: disable=g-import-not-at-top
@@ -398,12 +414,7 @@ def _zeroshot_fns(config, model, params):
   tok = tok_lib.Tokenizer(**dict(ev.get("tokenizer", {}) or {}))
   emb = zeroshot.class_embeddings(model, params, tok, list(names),
                                   ev.get("templates"))
-  emb = jnp.asarray(emb)
-
-  def apply_fn(v, images, **kw):
-    return model.apply(v, images, None, **kw)
-
-  return apply_fn, lambda out: zeroshot.zeroshot_logits(out[0], emb)
+  return zeroshot_fns(model, emb)
 
 
 def evaluate(config, workdir: str | None, *, params=None, devices=None,
@@ -425,7 +436,7 @@ def evaluate(config, workdir: str | None, *, params=None, devices=None,
   if kind == "classification":
     apply_fn, output_fn = model.apply, (lambda out: out[0])
   elif kind == "zeroshot":
-    apply_fn, output_fn = _zeroshot_fns(config, model, params)
+    apply_fn, output_fn = _zeroshot_from_config(config, model, params)
   else:
     raise ValueError(f"config.evaluate.kind={kind!r}; expected 'classification' "
                      "or 'zeroshot'")

@@ -185,3 +185,35 @@ def test_cli_end_to_end_npz(tmp_path, capsys):
     ev.main(["--config", _write_config(tmp_path, ckpt, data_dir,
                                        settings="('float', 'W9')"),
              "--workdir", str(workdir)])
+
+
+def test_zeroshot_two_towers_quantizes_image_tower():
+  from s2d_jax.models import two_towers
+  model = two_towers.Model(
+      image=dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=(8, 8),
+                 pool_type="gap"),
+      text=dict(width=16, depth=1, mlp_dim=32, num_heads=2, vocab_size=30),
+      out_dim=(16, 16))
+  rs = np.random.RandomState(1)
+  x = rs.uniform(-1, 1, (12, 16, 16, 3)).astype(np.float32)
+  params = jax.jit(model.init)(jax.random.key(0), x[:1],
+                               jnp.zeros((1, 4), jnp.int32))["params"]
+  emb = rs.randn(5, 16).astype(np.float32)
+  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+  apply_fn, output_fn = ev.zeroshot_fns(model, emb)
+  zimg = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, None)[0])(
+      params, x))
+  pred = (zimg @ emb.T).argmax(-1)
+  y = np.where(np.arange(12) < 7, pred, (pred + 1) % 5).astype(np.int32)
+  r = ev.evaluate_model(apply_fn, {"params": params},
+                        [{"image": x[:8], "label": y[:8]},
+                         {"image": x[8:], "label": y[8:]}],  # short last batch
+                        settings=["float", "W4A4"], output_fn=output_fn,
+                        devices=jax.devices()[:2], collect_stats=False,
+                        pcdr_examples=0, progress=False)
+  assert r["counts"]["float"] == {"correct": 7, "total": 12}
+  qz = jax.jit(qm.quantized_apply(lambda v, x: model.apply(v, x, None)[0], "W4A4"))(
+      {"params": params}, x)
+  assert r["counts"]["W4A4"]["correct"] == int(((np.asarray(qz) @ emb.T).argmax(-1)
+                                                 == y).sum())
+  assert not np.allclose(np.asarray(qz), zimg)  # the image tower was quantized
