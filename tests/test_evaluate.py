@@ -191,7 +191,7 @@ def test_zeroshot_two_towers_quantizes_image_tower():
   from s2d_jax.models import two_towers
   model = two_towers.Model(
       image=dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=(8, 8),
-                 pool_type="gap"),
+                 pool_type="gap", head_zeroinit=False),
       text=dict(width=16, depth=1, mlp_dim=32, num_heads=2, vocab_size=30),
       out_dim=(16, 16))
   rs = np.random.RandomState(1)
@@ -204,6 +204,7 @@ def test_zeroshot_two_towers_quantizes_image_tower():
   zimg = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, None)[0])(
       params, x))
   pred = (zimg @ emb.T).argmax(-1)
+  assert len(set(pred.tolist())) > 1  # a non-degenerate model
   y = np.where(np.arange(12) < 7, pred, (pred + 1) % 5).astype(np.int32)
   r = ev.evaluate_model(apply_fn, {"params": params},
                         [{"image": x[:8], "label": y[:8]},
