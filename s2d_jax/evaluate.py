@@ -422,7 +422,10 @@ def evaluate(config, workdir: str | None, *, params=None, devices=None,
   """Runs the evaluation described by ``config.evaluate``; writes the report.
 
   ``params`` (e.g. from the trainer) skips checkpoint loading. Writes
-  ``workdir/report.json`` and ``workdir/plots/`` when ``write``.
+  ``workdir/report.json`` and ``workdir/plots/`` when ``write``. Reads
+  ``config.evaluate``: data, pp, batch_size, data_dir, kind, settings,
+  calib_batches, max_batches, checkpoint, and optionally pcdr_examples (8),
+  collect_stats (True), classnames / templates / tokenizer (zero-shot).
   """
   from s2d_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   ev = config.evaluate
@@ -451,7 +454,9 @@ def evaluate(config, workdir: str | None, *, params=None, devices=None,
       apply_fn, {"params": params}, ds.as_numpy_iterator(), settings=settings,
       output_fn=output_fn, devices=devices,
       calib_batches=int(ev.get("calib_batches", 4)),
-      max_batches=ev.get("max_batches"), num_batches=nb, progress=progress)
+      max_batches=ev.get("max_batches"), num_batches=nb, progress=progress,
+      pcdr_examples=int(ev.get("pcdr_examples", 8)),
+      collect_stats=bool(ev.get("collect_stats", True)))
   report["model"] = dict(name=config.model_name, kind=kind,
                          config=_jsonable(dict(config.model)))
   report["checkpoint"] = dict(ckpt, **params_identity(params))

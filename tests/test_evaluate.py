@@ -132,7 +132,8 @@ def test_pad_batch_and_errors(setup):
     ev.evaluate_model(model.apply, variables, [{"image": x[:8]}], devices=jax.devices()[:1])
 
 
-def _write_config(tmp_path, ckpt, data_dir, batch_size=8, settings="('float', 'W8A8')"):
+def _write_config(tmp_path, ckpt, data_dir, batch_size=8, settings="('float', 'W8A8')",
+                  pcdr=4):
   cfg = tmp_path / "cfg.py"
   cfg.write_text(f"""
 from s2d_jax import config_utils
@@ -140,7 +141,7 @@ def get_config(arg=None):
   c = config_utils.default_train_config()
   c.model_name = 'vit'
   c.model = dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=(8, 8),
-                 pool_type='gap', scan=True)
+                 pool_type='gap', scan=False)
   c.num_classes = 10
   c.evaluate.data = dict(name='s2d_demo_shapes/tiny', split='test[:21]')
   c.evaluate.pp = 'value_range(-1,1)|keep("image","label")'
@@ -148,6 +149,7 @@ def get_config(arg=None):
   c.evaluate.data_dir = {str(data_dir)!r}
   c.evaluate.settings = {settings}
   c.evaluate.checkpoint = {str(ckpt)!r}
+  c.evaluate.pcdr_examples = {pcdr}
   return c
 """)
   return str(cfg)
@@ -174,6 +176,16 @@ def test_cli_end_to_end_npz(tmp_path, capsys):
   assert saved["checkpoint"]["num_params"] == sum(
       np.size(p) for p in jax.tree.leaves(params))
   assert report["data"]["split"] == "test[:21]"
+  # the same params as an orbax training checkpoint (checkpoint='' -> workdir)
+  from s2d_jax import checkpointing
+  orbax_dir = tmp_path / "run"
+  checkpointing.Checkpointer(str(orbax_dir)).save(7, params, {})
+  rep2 = ev.main(["--config", _write_config(tmp_path, "", data_dir, pcdr=0),
+                  "--workdir", str(orbax_dir), "--config.evaluate.settings=float"])
+  assert rep2["checkpoint"]["kind"] == "orbax"
+  assert rep2["counts"]["float"] == report["counts"]["float"]
+  assert "pcdr" not in rep2 and len(report["pcdr"]) > 0
+  assert rep2["checkpoint"]["params_sha256"] == report["checkpoint"]["params_sha256"]
   # errors named clearly
   with pytest.raises(FileNotFoundError, match="checkpoint not found"):
     ev.main(["--config", _write_config(tmp_path, tmp_path / "nope.npz", data_dir),
