@@ -12,7 +12,8 @@ import pytest
 
 from s2d_jax.models import checkpoint as ck
 from s2d_jax.models import siglip, two_towers, vit
-from test_models_vit import _apply as _apply_kw, _rand_params
+from test_models_text import np_text
+from test_models_vit import _apply as _apply_kw, _rand_params, np_vit
 
 CheckpointError = ck.CheckpointError
 
@@ -86,6 +87,17 @@ def _make(arch, seed=0):
   return model, params, img, tok
 
 
+def _np_ref(arch, params, img, tok):
+  """Independent numpy forward pass of the two towers (L2-normalised embeddings)."""
+  kw = ARCHS[arch][0]
+  to64 = lambda t: jax.tree.map(lambda x: np.asarray(x, np.float64), t)
+  zi = np_vit(img, to64(params["img"]), kw["image"].get("patch_size", (8, 8))[0],
+              kw["image"]["pool_type"])
+  zt = np_text(tok, to64(params["txt"]), kw["text"].get("pool_type", "last"))
+  return (zi / np.linalg.norm(zi, axis=1, keepdims=True),
+          zt / np.linalg.norm(zt, axis=1, keepdims=True))
+
+
 def _apply(model, params, img=None, tok=None):
   return _apply_kw(model, params, img, tok)
 
@@ -117,11 +129,13 @@ def test_load_infers_config_and_reproduces_outputs(tmp_path, arch, layout, prefi
     assert p2["img"]["embedding"]["kernel"].dtype == jnp.bfloat16
 
   # Same outputs as the original model, in the file's layout.
-  ref = _apply(model, params, img, tok)
+  ref = _np_ref(arch, params, img, tok)
   got = _apply(m2, p2, img, tok)
-  np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(got[1], ref[1], rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(got[2]["t"], ref[2]["t"])
+  tol = 3e-2 if bf16 else 2e-4  # bf16 weights keep parts of the model in bf16
+  np.testing.assert_allclose(got[0], ref[0], rtol=tol, atol=tol / 10)
+  np.testing.assert_allclose(got[1], ref[1], rtol=tol, atol=tol / 10)
+  np.testing.assert_allclose(np.asarray(got[2]["t"], np.float32),
+                             np.exp(np.asarray(params["t"], np.float32)), rtol=tol)
 
   # save -> same names (params/ prefix), bitwise-identical arrays; load again.
   out_path = str(tmp_path / "saved.npz")
@@ -140,14 +154,14 @@ def test_layout_override_and_resolution_resampling(tmp_path):
   model, params, img, tok = _make("mu")
   path = str(tmp_path / "c.npz")
   write_bv(path, params)
-  ref = _apply(model, params, img, tok)
+  ref = _np_ref("mu", params, img, tok)
 
   ms, ps = siglip.load(path, scan=True)
   assert ms.image["scan"] and ms.text["scan"]
   assert "encoderblock" in ps["img"]["Transformer"] and "encoderblock" in ps["txt"]["Encoder_0"]
   got = _apply(ms, ps, img, tok)
-  np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(got[1], ref[1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[0], ref[0], rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(got[1], ref[1], rtol=2e-4, atol=2e-5)
 
   mr, pr = siglip.load(path, res=40)  # 2x2 grid -> 5x5 grid
   want = ck.resample_posemb(np.asarray(params["img"]["pos_embedding"]), (5, 5))
@@ -160,18 +174,18 @@ def test_single_tower_dont_load_dtype_and_overrides(tmp_path):
   model, params, img, tok = _make("mu")
   path = str(tmp_path / "c.npz")
   write_bv(path, params)
-  ref = _apply(model, params, img, tok)
+  ref = _np_ref("mu", params, img, tok)
 
   mi, pi = siglip.load(path, towers=("img",))
   assert set(pi) == {"img", "t", "b"} and mi.text is None
   zimg, ztxt, _ = _apply(mi, pi, img)
   assert ztxt is None
-  np.testing.assert_allclose(zimg, ref[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(zimg, ref[0], rtol=2e-4, atol=2e-5)
 
   mt, pt = siglip.load(path, towers=("txt",))
   assert set(pt) == {"txt", "t", "b"}
   np.testing.assert_allclose(_apply(mt, pt, None, tok)[1], ref[1],
-                             rtol=1e-5, atol=1e-5)
+                             rtol=2e-4, atol=2e-5)
 
   md, pd = siglip.load(path, dont_load=["txt/head/.*"], seed=7)
   head = jax.jit(lambda r: md.init(r, jnp.zeros((1, 16, 16, 3)), jnp.zeros(
