@@ -297,7 +297,8 @@ def evaluate_model(apply_fn: Callable, variables: Mapping[str, Any],
       if s is None:
         (c, t), st = float_step(rep_vars, imgs, labels, mask)
         if collect_stats:
-          stats = outliers.merge_stats(stats, _first(st))
+          stats = outliers.merge_stats(
+              stats, outliers.finalize_reduced(_first(st)))
       elif s.needs_calibration:
         c, t = quant_steps[n](rep_vars, calibrations[n], imgs, labels, mask)
       else:

@@ -29,7 +29,8 @@ Merging is exact: counts, histograms and token sums add; ``amax``/``min``/
 
 so across devices (:func:`reduce_stats`, inside ``pmap``): ``μ`` is the psum of
 ``n·m`` over the psum of ``n``, each device shifts its sums to ``μ`` and the
-shifted sums are psum-ed; across batches (:func:`merge_stats`, float64 on the
+shifted sums are psum-ed (integer counts are gathered and summed in int64 on
+the host, :func:`finalize_reduced`, so they cannot overflow); across batches (:func:`merge_stats`, float64 on the
 host) the same with ``μ`` the pooled mean. Nothing is averaged per device.
 
 Statistics are recorded through ``flax.linen.intercept_methods`` into the
@@ -172,19 +173,36 @@ def _to_host(s: ActStats) -> ActStats:
 
 
 def reduce_stats(stats, axis_name):
-  """Combine a stats tree across devices inside ``pmap`` (exact, psum-based)."""
+  """Combine a stats tree across devices inside ``pmap`` (exact).
+
+  Float fields are reduced with collectives (moments: psum of the shifted sums
+  about the global mean; amax/channel extremes: pmax/pmin). The integer
+  counts (``n``, ``tokens``, ``hist``) are ``all_gather``-ed instead of
+  psum-ed, because a global count can overflow int32 (x64 is off); they come
+  back with a leading device axis that :func:`finalize_reduced` sums in int64
+  on the host.
+  """
   def one(s: ActStats) -> ActStats:
     nf = s.n.astype(jnp.float32)
     tot = lax.psum(nf, axis_name)
     mu = lax.psum(nf * s.mean, axis_name) / jnp.maximum(tot, 1.0)
     s2, s3, s4 = _shift(nf, s.mean, s.m2, s.m3, s.m4, mu)
     return ActStats(
-        n=lax.psum(s.n, axis_name), mean=mu, m2=lax.psum(s2, axis_name),
+        n=lax.all_gather(s.n, axis_name), mean=mu, m2=lax.psum(s2, axis_name),
         m3=lax.psum(s3, axis_name), m4=lax.psum(s4, axis_name),
-        amax=lax.pmax(s.amax, axis_name), tokens=lax.psum(s.tokens, axis_name),
+        amax=lax.pmax(s.amax, axis_name),
+        tokens=lax.all_gather(s.tokens, axis_name),
         tok_inf_sum=lax.psum(s.tok_inf_sum, axis_name),
-        hist=lax.psum(s.hist, axis_name), ch_min=lax.pmin(s.ch_min, axis_name),
+        hist=lax.all_gather(s.hist, axis_name), ch_min=lax.pmin(s.ch_min, axis_name),
         ch_max=lax.pmax(s.ch_max, axis_name))
+  return jax.tree.map(one, stats, is_leaf=_is_stats)
+
+
+def finalize_reduced(stats):
+  """Host side of :func:`reduce_stats` (one device's copy): int64 device sums."""
+  def one(s: ActStats) -> ActStats:
+    s = _to_host(s)
+    return s._replace(n=s.n.sum(0), tokens=s.tokens.sum(0), hist=s.hist.sum(0))
   return jax.tree.map(one, stats, is_leaf=_is_stats)
 
 
