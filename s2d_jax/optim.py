@@ -60,8 +60,8 @@ class S2DState(NamedTuple):
 
   Attributes:
     count: int32 step counter (drives a ``learning_rate`` schedule).
-    basis: per kernel, ``(*layers, min(rows, cols), K_eff)`` float32: the
-      tracked singular vectors of the smaller side of the matrix view.
+    basis: per kernel, ``(*layers, K_eff, min(rows, cols))`` float32: the
+      tracked singular vectors (rows) of the smaller side of the matrix view.
     sigma: per kernel, ``(*layers, K)`` float32: the singular values from the
       last step (at init: from ``init_iters`` iterations), largest first, 0
       beyond the matrix rank.
@@ -238,9 +238,8 @@ def s2d(
       keff = t.s.shape[-1]
       on = jnp.arange(keff) < state.active[name][..., None]
       coef = jnp.where(on, scale * jnp.power(t.s, pw), 0.0)
-      term = jnp.matmul(t.u * coef[..., None, :], jnp.swapaxes(t.v, -1, -2),
-                        precision=spectral.HIGHEST)
-      term = jnp.where(t.ok[..., None, None], term, 0.0)
+      coef = jnp.where(t.ok[..., None], coef, 0.0)
+      term = spectral.rank_k_term(t.u, coef, t.v)
       g = new_leaves[index[name]]
       new_leaves[index[name]] = (g.astype(jnp.float32) + view.from_matrix(term)).astype(g.dtype)
       basis[name] = t.basis

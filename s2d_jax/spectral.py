@@ -40,8 +40,9 @@ Tracking the top-k singular triplets
 ------------------------------------
 For one matrix ``W`` (m, n), let ``M = W`` if ``n <= m`` and ``M = W^T``
 otherwise, so ``M`` is ``(p, q)`` with ``q = min(m, n)``; the state keeps the
-basis ``Q`` (q, K) of the *smaller* side (right singular vectors of ``M``). One
-iteration (block power / orthogonal iteration on ``M^T M``) is::
+basis ``Q`` (q, K) of the *smaller* side (right singular vectors of ``M``),
+stored as K rows. One iteration (block power / orthogonal iteration on
+``M^T M``; ``qr`` is Gram-Schmidt applied twice, fine for small K) is::
 
     U_z R_z = qr(M Q)              (p, K)   left subspace
     V_y R_y = qr(M^T U_z)          (q, K)   right subspace, becomes the new Q
@@ -363,46 +364,86 @@ def select_kernels(params: Any, mask: Any = None,
 # ----------------------------------------------------------------------------
 
 
-def _mm(a, b):
-  return jnp.matmul(a, b, precision=HIGHEST)
+def _replacement(n: int, i: int) -> jax.Array:
+  """A fixed dense unit-scale vector (n,), used when column i degenerates to 0."""
+  t = jnp.arange(n, dtype=jnp.float32)
+  return jnp.cos(0.7548776662 * (i + 1) * t + 0.5698402910 * (i + 1))
 
 
-def _orth(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Thin QR of ``x`` (n, K): orthonormal ``Q`` (n, K) and ``R`` (K, K).
+def _orth_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Orthonormalise the K rows of ``x`` (K, n): ``x_i = sum_{j<=i} R[j, i] q_j``.
 
-  For K == 1 a normalisation (``e_1`` for a zero column, R = 0).
+  Classical Gram-Schmidt applied twice ("twice is enough"), written with
+  elementwise ops and reductions so that it fuses and never re-lays-out ``x``.
+  Returns ``q`` (K, n) with orthonormal rows and upper-triangular ``R`` (K, K)
+  (the thin QR of ``x^T``). A row whose residual is exactly 0 (rank deficiency,
+  zero matrix) gets a fixed vector orthogonalised against the previous rows,
+  and ``R[i, i] = 0``.
   """
-  if x.shape[-1] == 1:
-    nrm = jnp.sqrt(jnp.sum(x * x))
-    e1 = jnp.zeros_like(x).at[0, 0].set(1.0)
-    q = jnp.where(nrm > 0, x / jnp.where(nrm > 0, nrm, 1.0), e1)
-    return q, nrm.reshape(1, 1)
-  return jnp.linalg.qr(x, mode="reduced")
+  k, n = x.shape
+  qs, rcols = [], []
+  for i in range(k):
+    v = x[i]
+    coef = jnp.zeros((k,), x.dtype)
+    if qs:
+      q_prev = jnp.stack(qs)
+      for _ in range(2):
+        c = jnp.sum(q_prev * v[None, :], axis=1)
+        v = v - jnp.sum(c[:, None] * q_prev, axis=0)
+        coef = coef.at[:i].add(c)
+    nrm = jnp.sqrt(jnp.sum(v * v))
+    alt = _replacement(n, i)
+    if qs:
+      for _ in range(2):
+        alt = alt - jnp.sum(jnp.sum(q_prev * alt[None, :], axis=1)[:, None] * q_prev, axis=0)
+    alt = alt / jnp.sqrt(jnp.sum(alt * alt))
+    good = nrm > 0
+    qs.append(jnp.where(good, v / jnp.where(good, nrm, 1.0), alt))
+    rcols.append(coef.at[i].set(nrm))
+  return jnp.stack(qs), jnp.stack(rcols, axis=1)
 
 
-def _track_one(m: jax.Array, q0: jax.Array, iters) -> tuple[jax.Array, ...]:
-  """Warm-started subspace iteration + Rayleigh-Ritz on one ``(p, q)`` matrix.
+def _track_one(w: jax.Array, q0: jax.Array, iters, transposed: bool) -> tuple[jax.Array, ...]:
+  """Warm-started subspace iteration + Rayleigh-Ritz on one ``(rows, cols)`` matrix.
 
-  Returns ``(u (p,K), s (K,), v (q,K), valid, ok)``; see :func:`track`.
+  ``M = W^T`` if ``transposed`` else ``W`` (``M`` is ``(p, q)``, ``q <= p``);
+  ``q0`` (K, q) holds the right basis of ``M`` as rows. All bases are K-major
+  ``(K, n)`` and ``W`` is only contracted in its stored layout (``einsum``
+  ``'kc,rc->kr'`` for ``W x``, ``'kr,rc->kc'`` for ``W^T y``), which keeps XLA
+  from transposing ``W`` (a 30x slowdown on CPU). A non-finite entry of ``W``
+  makes ``M q`` non-finite (``nan * 0 = nan``), hence ``s``; such results are
+  flagged invalid instead of screening ``W`` in a separate pass.
+
+  Returns ``(u (K,p), s (K,), v (K,q), valid, ok)`` in ``M``'s orientation.
   """
-  p, k = m.shape[0], q0.shape[-1]
-  finite = jnp.all(jnp.isfinite(m))
-  m = jnp.where(finite, m, 0.0)
+  w_x = lambda x: jnp.einsum("kc,rc->kr", x, w, precision=HIGHEST)    # (W x)^T
+  wt_x = lambda y: jnp.einsum("kr,rc->kc", y, w, precision=HIGHEST)   # (W^T y)^T
+  m_x, mt_x = (wt_x, w_x) if transposed else (w_x, wt_x)
+  k = q0.shape[0]
+  p = w.shape[1] if transposed else w.shape[0]
 
   def body(_, carry):
     q, _, _ = carry
-    uz, _ = _orth(_mm(m, q))
-    vy, ry = _orth(_mm(m.T, uz))
+    uz, _ = _orth_rows(m_x(q))
+    vy, ry = _orth_rows(mt_x(uz))
     return vy, uz, ry
 
-  init = (q0, jnp.zeros((p, k), m.dtype), jnp.zeros((k, k), m.dtype))
-  vy, uz, ry = jax.lax.fori_loop(0, iters, body, init)
+  init = (q0, jnp.zeros((k, p), w.dtype), jnp.zeros((k, k), w.dtype))
+  if isinstance(iters, int) and iters <= 2:   # unrolled: a while loop costs ~1 ms on CPU
+    carry = init
+    for i in range(iters):
+      carry = body(i, carry)
+    vy, uz, ry = carry
+  else:
+    vy, uz, ry = jax.lax.fori_loop(0, iters, body, init)
   if k == 1:  # R_y = [[|M^T u_z|]] >= 0: already the SVD.
     u, s, v = uz, ry[0], vy
   else:
+    # C = U_z^T M V_y = R_y^T = U_c S V_c^T;  U = U_z U_c, V = V_y V_c (rows: U_c^T U_z).
     uc, s, vct = jnp.linalg.svd(ry.T, full_matrices=False)
-    u, v = _mm(uz, uc), _mm(vy, vct.T)
-  valid = finite & jnp.all(jnp.isfinite(s))
+    u = jnp.einsum("jk,jn->kn", uc, uz, precision=HIGHEST)
+    v = jnp.einsum("kj,jn->kn", vct, vy, precision=HIGHEST)
+  valid = jnp.all(jnp.isfinite(s))
   return u, s, v, valid, valid & (s[0] > 0)
 
 
@@ -412,28 +453,28 @@ def effective_k(view: MatrixView, k: int) -> int:
 
 
 def basis_shape(view: MatrixView, k: int) -> tuple[int, ...]:
-  """Shape of the stored (smaller side) basis: ``(*batch, min(rows, cols), K_eff)``."""
-  return view.batch_shape + (min(view.rows, view.cols), effective_k(view, k))
+  """Shape of the stored (smaller side) basis: ``(*batch, K_eff, min(rows, cols))``."""
+  return view.batch_shape + (effective_k(view, k), min(view.rows, view.cols))
 
 
 def init_basis(view: MatrixView, k: int, seed: int = 0, path: str = "") -> jax.Array:
-  """Deterministic random orthonormal basis of :func:`basis_shape` (float32).
+  """Deterministic random orthonormal basis (rows) of :func:`basis_shape`, float32.
 
   Drawn with numpy from ``(seed, crc32(path))``: identical on every host and
   replica, different per kernel, and no XLA program is compiled for it.
   """
   shape = basis_shape(view, k)
   rng = np.random.default_rng([int(seed), zlib.crc32(path.encode())])
-  g = rng.standard_normal(shape)
-  q, _ = np.linalg.qr(g.reshape((-1,) + shape[-2:]))
-  return jnp.asarray(q.reshape(shape), jnp.float32)
+  g = rng.standard_normal(shape[:-2] + shape[-1:] + shape[-2:-1])   # (..., n, K)
+  q, _ = np.linalg.qr(g.reshape((-1,) + g.shape[-2:]))
+  return jnp.asarray(np.swapaxes(q, -1, -2).reshape(shape), jnp.float32)
 
 
 class Tracked(NamedTuple):
-  """Output of :func:`track` (all float32 except the flags)."""
-  u: jax.Array          # (*batch, rows, K_eff) left singular vectors
+  """Output of :func:`track` (float32 except the flags). Vectors are rows."""
+  u: jax.Array          # (*batch, K_eff, rows) left singular vectors
   s: jax.Array          # (*batch, K_eff) singular values, descending
-  v: jax.Array          # (*batch, cols, K_eff) right singular vectors
+  v: jax.Array          # (*batch, K_eff, cols) right singular vectors
   basis: jax.Array      # new stored basis (old one where not ok)
   valid: jax.Array      # (*batch,) bool: matrix and estimates finite
   ok: jax.Array         # (*batch,) bool: valid and sigma_1 > 0
@@ -445,24 +486,33 @@ def track(view: MatrixView, w: jax.Array, basis: jax.Array, iters) -> Tracked:
   Args:
     view: the leaf's matrix view.
     w: the leaf (any float dtype), shape ``view.shape``.
-    basis: the stored basis, :func:`basis_shape`, orthonormal columns.
+    basis: the stored basis, :func:`basis_shape`, orthonormal rows.
     iters: subspace iterations (int, may be traced).
 
   Returns:
-    :class:`Tracked` ``(u, s, v, basis, valid, ok)`` in the view's orientation:
-    ``u (*batch, rows, K_eff)``, ``s (*batch, K_eff)`` (descending),
-    ``v (*batch, cols, K_eff)``, ``basis`` like the input (the old one where
+    :class:`Tracked` ``(u, s, v, basis, valid, ok)`` in the view's orientation,
+    singular vectors as rows (``W ~ sum_i s_i u_i^T v_i`` per matrix):
+    ``u (*batch, K_eff, rows)``, ``s (*batch, K_eff)`` (descending),
+    ``v (*batch, K_eff, cols)``, ``basis`` like the input (the old one where
     ``ok`` is False), ``valid (*batch,)``: the matrix (and hence ``s``) is
-    finite; ``ok``: valid and not all-zero. A non-finite matrix is replaced by
-    zeros inside (``s = 0``), so nothing non-finite leaves this function.
+    finite; ``ok``: valid and not all-zero. For an invalid matrix ``u, s, v``
+    are zeros, so nothing non-finite leaves this function.
   """
   mats = view.to_matrix(w.astype(jnp.float32))
   mats = mats.reshape((-1, view.rows, view.cols))
   q0 = basis.reshape((-1,) + basis.shape[-2:]).astype(jnp.float32)
-  if view.transposed:
-    mats = jnp.swapaxes(mats, -1, -2)
-  u, s, v, valid, ok = jax.vmap(lambda m, q: _track_one(m, q, iters))(mats, q0)
+  one = lambda a: _track_one(a[0], a[1], iters, view.transposed)
+  if mats.shape[0] == 1:
+    u, s, v, valid, ok = jax.tree.map(lambda x: x[None], one((mats[0], q0[0])))
+  else:
+    # Per layer, sequentially: the work is memory-bound matrix-vector products
+    # either way, and batched small-K dots are slow on CPU (3-8x).
+    u, s, v, valid, ok = jax.lax.map(one, (mats, q0))
   new_basis = jnp.where(ok[:, None, None], v, q0)
+  # Invalid (non-finite) matrices: report zeros, never NaN.
+  u = jnp.where(valid[:, None, None], u, 0.0)
+  v = jnp.where(valid[:, None, None], v, 0.0)
+  s = jnp.where(valid[:, None], s, 0.0)
   if view.transposed:
     u, v = v, u
   b = view.batch_shape
@@ -471,14 +521,29 @@ def track(view: MatrixView, w: jax.Array, basis: jax.Array, iters) -> Tracked:
                  valid.reshape(b), ok.reshape(b))
 
 
+def rank_k_term(u: jax.Array, coef: jax.Array, v: jax.Array) -> jax.Array:
+  """``sum_i coef_i u_i v_i^T`` for rows ``u (..., K, r)``, ``v (..., K, c)``, ``coef (..., K)``.
+
+  A sum of K outer products (one fused elementwise pass for small K).
+  """
+  k = u.shape[-2]
+  if k > 4:
+    return jnp.einsum("...kr,...kc->...rc", u * coef[..., None], v, precision=HIGHEST)
+  out = 0.0
+  for i in range(k):
+    out = out + (u[..., i, :] * coef[..., i, None])[..., :, None] * v[..., i, None, :]
+  return out
+
+
 def top_k(w_mat: jax.Array, k: int, iters: int = 100, seed: int = 0) -> tuple[jax.Array, ...]:
   """Cold-start top-k singular triplets of matrices ``(*batch, m, n)`` by iteration.
 
-  Returns ``(u (*batch, m, K), s (*batch, K), v (*batch, n, K))`` with
-  ``K = min(k, m, n)``; accuracy depends on ``iters`` and the spectral gap.
+  Returns ``(u (*batch, m, K), s (*batch, K), v (*batch, n, K))`` (columns,
+  like ``np.linalg.svd``'s ``u`` and ``vt.T``) with ``K = min(k, m, n)``;
+  accuracy depends on ``iters`` and the spectral gap.
   """
   *b, m, n = w_mat.shape
   view = MatrixView(tuple(w_mat.shape), len(b), 1)
   basis = init_basis(view, k, seed)
   t = track(view, w_mat, basis, iters)
-  return t.u, t.s, t.v
+  return jnp.swapaxes(t.u, -1, -2), t.s, jnp.swapaxes(t.v, -1, -2)

@@ -163,6 +163,8 @@ def test_k_larger_than_min_dim_is_clamped():
   state = tx.init(params)
   assert state.basis["thin/kernel"].shape == (2, 2)
   assert state.basis["encoderblock/wide/kernel"].shape == (2, 1, 1)
+  assert optim.s2d(k=2).init(params).basis["thin/kernel"].shape == (2, 2)   # (K_eff, min side)
+  assert optim.s2d(k=1).init(params).basis["thin/kernel"].shape == (1, 2)
   new, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
   for name, x in items(new).items():
     view = spectral.matrix_view(tuple(name.split("/")), x.shape)

@@ -177,14 +177,15 @@ def test_track_matches_svd(rows, cols, k):
   view = spectral.MatrixView(mats.shape, 1, 1)
   basis = spectral.init_basis(view, k)
   keff = min(k, rows, cols)
-  assert basis.shape == (2, min(rows, cols), keff)
+  assert basis.shape == (2, keff, min(rows, cols))
   t = jax.jit(spectral.track, static_argnums=(0, 3))(view, jnp.asarray(mats), basis, 80)
   for i in range(2):
     u, s, v = _svd_ref(mats[i], keff)
     np.testing.assert_allclose(t.s[i], s, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(t.u[i]) * s @ np.asarray(t.v[i]).T,
+    # Rows are singular vectors: W_k = sum_i s_i u_i v_i^T.
+    np.testing.assert_allclose(np.asarray(t.u[i]).T * s @ np.asarray(t.v[i]),
                                u * s @ v.T, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(t.basis[i]).T @ np.asarray(t.basis[i]),
+    np.testing.assert_allclose(np.asarray(t.basis[i]) @ np.asarray(t.basis[i]).T,
                                np.eye(keff), atol=1e-5)
   assert bool(t.ok.all()) and bool(t.valid.all())
 
@@ -196,8 +197,9 @@ def test_rayleigh_ritz_sigma_more_accurate_than_subspace():
   u, s, v = _svd_ref(w, 2)
   q0 = np.linalg.qr(v + 0.05 * rng.normal(size=v.shape))[0]
   view = spectral.MatrixView(w.shape, 0, 1)
-  t = spectral.track(view, jnp.asarray(w), jnp.asarray(q0, jnp.float32), 1)
-  angle = np.linalg.norm(v - np.asarray(t.v) @ (np.asarray(t.v).T @ v))
+  t = spectral.track(view, jnp.asarray(w), jnp.asarray(q0.T, jnp.float32), 1)
+  tv = np.asarray(t.v).T
+  angle = np.linalg.norm(v - tv @ (tv.T @ v))
   rel = np.abs(np.asarray(t.s) - s) / s
   assert angle > 1e-3          # the subspace is not exact after one iteration,
   assert rel.max() < angle ** 2  # but the sigmas are accurate to second order.
@@ -231,7 +233,7 @@ def test_track_rank_deficient_zero_and_nonfinite():
   np.testing.assert_array_equal(t.valid, [True, True, False, False])
   np.testing.assert_array_equal(t.basis[1:], basis[1:])   # basis kept
   q = np.asarray(t.basis[0])
-  np.testing.assert_allclose(q.T @ q, np.eye(3), atol=1e-5)   # still orthonormal
+  np.testing.assert_allclose(q @ q.T, np.eye(3), atol=1e-5)   # still orthonormal
 
 
 def test_init_basis_deterministic_and_path_keys():
@@ -242,6 +244,6 @@ def test_init_basis_deterministic_and_path_keys():
   d = spectral.init_basis(view, 2, 1, "a/kernel")
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c) and not np.allclose(a, d)
-  assert a.dtype == jnp.float32 and a.shape == (3, 6, 2)
-  np.testing.assert_allclose(np.einsum("lqk,lqj->lkj", a, a), np.broadcast_to(np.eye(2), (3, 2, 2)),
+  assert a.dtype == jnp.float32 and a.shape == (3, 2, 6)
+  np.testing.assert_allclose(np.einsum("lkq,ljq->lkj", a, a), np.broadcast_to(np.eye(2), (3, 2, 2)),
                              atol=1e-6)
