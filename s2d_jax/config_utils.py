@@ -311,7 +311,8 @@ def default_train_config() -> mlc.ConfigDict:
     label_smoothing           for softmax_xent
     s2d.*                     S2D: enabled, strength λ, power n, k_max, tau, refresh_every
                               m (PCDR), pcdr_batch (images used for PCDR), iters,
-                              decoupled
+                              decoupled, exclude (regexes of kernels left alone;
+                              default: the classifier head)
     qat.*                     quantization-aware training: enabled, setting ('W4A4')
     mesh.fsdp                 size of the 'fsdp' mesh axis (params/opt-state sharded
                               over it); 1 = pure data parallel, -1 = all devices
@@ -345,7 +346,8 @@ def default_train_config() -> mlc.ConfigDict:
   c.label_smoothing = 0.0
   c.s2d = mlc.ConfigDict(dict(
       enabled=False, strength=5e-4, power=2.0, k_max=3, tau=0.95,
-      refresh_every=100, pcdr_batch=8, iters=1, decoupled=False))
+      refresh_every=100, pcdr_batch=8, iters=1, decoupled=False,
+      exclude=('(^|/)head/',)))
   c.qat = mlc.ConfigDict(dict(enabled=False, setting='W4A4'))
   c.mesh = mlc.ConfigDict(dict(fsdp=1))
   c.log_every = 50

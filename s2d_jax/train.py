@@ -210,7 +210,7 @@ def make_optimizer(config, total_steps: int, abstract_params):
     s = config.s2d
     parts.append(optim.s2d(
         k=int(s.k_max), strength=s.strength, power=s.power, iters=int(s.iters),
-        mask=s2d_mask(abstract_params, tuple(s.get('exclude', ('head/.*',)))),
+        mask=s2d_mask(abstract_params, tuple(s.exclude)),
         k_max=int(s.k_max), decoupled=bool(s.decoupled)))
   parts.append(optax.adamw(sched, b1=config.b1, b2=config.b2, eps=config.eps,
                            weight_decay=config.wd, mask=weight_decay_mask))
@@ -269,7 +269,7 @@ def make_loss_fn(config, model, apply_fn=None) -> Callable:
   def tt_loss_fn(params, batch, rng):
     zimg, ztxt, out = apply_fn({'params': params}, batch['image'], batch['labels'],
                                train=True, rngs={'dropout': rng})
-    loss = two_towers.sigmoid_loss(zimg, ztxt, out['t'], out['b'])
+    loss = two_towers.sigmoid_loss(zimg, ztxt, out['t'], out.get('b'))
     # image -> text retrieval top-1 within the batch
     acc = jnp.mean(jnp.argmax(zimg @ ztxt.T, -1) == jnp.arange(zimg.shape[0]))
     return loss, {'acc': acc}
@@ -523,7 +523,11 @@ def train(config: mlc.ConfigDict, workdir: str, *,
 
   repl = NamedSharding(mesh, P())
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1),
+  # Buffer donation saves a copy of params + optimizer state on TPU/GPU; on CPU
+  # (tests, the demo) a donated multi-device S2D step was seen to hang in XLA:CPU.
+  donate = (0, 1) if jax.default_backend() != 'cpu' else ()
+
+  @functools.partial(jax.jit, donate_argnums=donate,
                      out_shardings=(param_sh, opt_sh, repl))
   def train_step(params, opt_state, batch, step):
     drop = jax.random.fold_in(rng_drop, step)
@@ -617,13 +621,18 @@ def _make_pcdr_refresh(config, model, opt_sh, repl):
   """jit: (params, opt_state, images) -> (opt_state with new active counts, active)."""
   from s2d_jax import capture, optim, pcdr  # pylint: disable=g-import-not-at-top
   nb = int(config.s2d.pcdr_batch)
+  exclude = tuple(config.s2d.exclude)
+  pats = [re.compile(e) for e in exclude]
 
   def refresh(params, opt_state, images):
     imgs = images[:nb]
-    _, inputs = capture.capture_matmul_inputs(model.apply, {'params': params}, imgs,
-                                              train=False)
+    _, inputs = capture.capture_matmul_inputs(
+        model.apply, {'params': params}, imgs, train=False,
+        include=lambda path: not any(r.search('/'.join(path) + '/kernel')
+                                     for r in pats))
     active = pcdr.select_active(params, inputs, k_max=int(config.s2d.k_max),
-                                tau=float(config.s2d.tau))
+                                tau=float(config.s2d.tau),
+                                mask=s2d_mask(params, exclude))
     return optim.set_active(opt_state, active), active
   return jax.jit(refresh, out_shardings=(opt_sh, repl))
 
