@@ -233,13 +233,13 @@ def evaluate_model(apply_fn: Callable, variables: Mapping[str, Any],
   first = next(it, None)
   if first is None:
     raise ValueError("evaluate: the evaluation data yielded no batch")
+  for key in (image_key, label_key):
+    if key not in first:
+      raise KeyError(f"evaluation batches need the key {key!r}; got {sorted(first)}")
   bsz = len(np.asarray(first[image_key]))
   if bsz % ndev:
     raise ValueError(f"batch size {bsz} does not divide among {ndev} devices; "
                      f"use a multiple of {ndev} (config.evaluate.batch_size)")
-  for key in (image_key, label_key):
-    if key not in first:
-      raise KeyError(f"evaluation batches need the key {key!r}; got {sorted(first)}")
   if max_batches is not None and max_batches < 1:
     raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
 
@@ -435,15 +435,19 @@ def evaluate(config, workdir: str | None, *, params=None, devices=None,
   if ev.batch_size % len(devices):
     raise ValueError(f"config.evaluate.batch_size={ev.batch_size} does not divide "
                      f"among {len(devices)} devices")
-  model, params, ckpt = load_model(config, workdir, params)
   kind = ev.get("kind", "classification")
-  if kind == "classification":
-    apply_fn, output_fn = model.apply, (lambda out: out[0])
-  elif kind == "zeroshot":
-    apply_fn, output_fn = _zeroshot_from_config(config, model, params)
-  else:
+  want = {"classification": "vit", "zeroshot": "two_towers"}.get(kind)
+  if want is None:
     raise ValueError(f"config.evaluate.kind={kind!r}; expected 'classification' "
                      "or 'zeroshot'")
+  if config.model_name != want:
+    raise ValueError(f"config.evaluate.kind={kind!r} needs model_name={want!r}, "
+                     f"got {config.model_name!r}")
+  model, params, ckpt = load_model(config, workdir, params)
+  if kind == "classification":
+    apply_fn, output_fn = model.apply, (lambda out: out[0])
+  else:
+    apply_fn, output_fn = _zeroshot_from_config(config, model, params)
   data_dir = ev.get("data_dir") or config.get("input", {}).get("data_dir")
   ds, nb = input_pipeline.get_eval_dataset(
       ev.data.name, ev.data.split, preprocess=ev.pp, batch_size=ev.batch_size,

@@ -193,6 +193,9 @@ def test_cli_end_to_end_npz(tmp_path, capsys):
   with pytest.raises(ValueError, match="batch_size=9 does not divide among 8"):
     ev.main(["--config", _write_config(tmp_path, ckpt, data_dir, batch_size=9),
              "--workdir", str(workdir)])
+  with pytest.raises(ValueError, match="kind='zeroshot' needs model_name='two_towers'"):
+    ev.main(["--config", _write_config(tmp_path, ckpt, data_dir),
+             "--workdir", str(workdir), "--config.evaluate.kind=zeroshot"])
   with pytest.raises(ValueError, match="unknown quant setting 'W9'"):
     ev.main(["--config", _write_config(tmp_path, ckpt, data_dir,
                                        settings="('float', 'W9')"),
