@@ -205,15 +205,22 @@ def make_optimizer(config, total_steps: int, abstract_params):
   parts = []
   if config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  s2d_tx = None
   if config.s2d.enabled:
     from s2d_jax import optim  # pylint: disable=g-import-not-at-top
     s = config.s2d
-    parts.append(optim.s2d(
+    s2d_tx = optim.s2d(
         k=int(s.k_max), strength=s.strength, power=s.power, iters=int(s.iters),
-        mask=s2d_mask(abstract_params, tuple(s.exclude)),
-        k_max=int(s.k_max), decoupled=bool(s.decoupled)))
-  parts.append(optax.adamw(sched, b1=config.b1, b2=config.b2, eps=config.eps,
-                           weight_decay=config.wd, mask=weight_decay_mask))
+        mask=s2d_mask(abstract_params, tuple(s.exclude)), k_max=int(s.k_max),
+        decoupled=bool(s.decoupled),
+        learning_rate=sched if s.decoupled else None, seed=int(config.seed))
+  adamw = optax.adamw(sched, b1=config.b1, b2=config.b2, eps=config.eps,
+                      weight_decay=config.wd, mask=weight_decay_mask)
+  if s2d_tx is not None and not config.s2d.decoupled:
+    parts.append(s2d_tx)       # coupled (paper): S2D gradient goes through Adam
+  parts.append(adamw)
+  if s2d_tx is not None and config.s2d.decoupled:
+    parts.append(s2d_tx)       # decoupled: -lr_t·λ·Σσ^n u vᵀ added after AdamW
   return optax.chain(*parts), sched
 
 
@@ -274,6 +281,10 @@ def make_loss_fn(config, model, apply_fn=None) -> Callable:
     acc = jnp.mean(jnp.argmax(zimg @ ztxt.T, -1) == jnp.arange(zimg.shape[0]))
     return loss, {'acc': acc}
   return tt_loss_fn
+
+
+def model_inputs_keys(config) -> tuple[str, ...]:
+  return ('image', 'label') if config.model_name == 'vit' else ('image', 'labels')
 
 
 def model_inputs(config, batch_like) -> tuple:
@@ -344,6 +355,19 @@ def total_steps_of(config, n_examples: int | None) -> int:
                               / int(config.input.batch_size))))
 
 
+def input_spec(config, process_index: int, process_count: int) -> dict:
+  """element_spec (batched TensorSpecs) of the training pipeline."""
+  from s2d_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  ds = input_pipeline.get_dataset(
+      config.input.data['name'], config.input.data['split'],
+      preprocess=config.input.pp,
+      batch_size=int(config.input.batch_size) // process_count,
+      process_index=process_index, process_count=process_count,
+      shuffle_buffer_size=int(config.input.shuffle_buffer_size),
+      seed=int(config.seed), data_dir=config.input.get('data_dir'))
+  return dict(ds.element_spec)
+
+
 def train_iterator(config, start_step: int, process_index: int, process_count: int):
   """Local (per-process) numpy batches, starting after `start_step` batches."""
   from s2d_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -360,7 +384,7 @@ def train_iterator(config, start_step: int, process_index: int, process_count: i
 # Initialisation
 # ----------------------------------------------------------------------------------
 
-def load_init_params(config, model, abstract_params) -> Any:
+def load_init_params(config, model, abstract_params, example_inputs) -> Any:
   """Params from config.model_init (npz), checked against the configured model."""
   from s2d_jax.models import siglip  # pylint: disable=g-import-not-at-top
   path = config.model_init
@@ -369,7 +393,9 @@ def load_init_params(config, model, abstract_params) -> Any:
   dont_load = tuple(config.model_load.get('dont_load', ()))
   model_kw = {k: v for k, v in dict(config.model).items() if k != 'variant'}
   if config.model_name == 'vit':
-    _, params = siglip.load_classifier(path, int(config.num_classes), **model_kw)
+    res = tuple(example_inputs[0].shape[1:3])
+    _, params = siglip.load_classifier(path, int(config.num_classes), res=res,
+                                       **model_kw)
   else:
     _, params = siglip.load(path, **model_kw)
   params = flax.core.unfreeze(params)
@@ -389,7 +415,7 @@ def init_params(config, model, rng, example_inputs, abstract_params, shardings):
   params = init(rng)
   if not config.model_init:
     return params
-  loaded, pats = load_init_params(config, model, abstract_params)
+  loaded, pats = load_init_params(config, model, abstract_params, example_inputs)
   flat_l = {k: v for k, v in _flatten(loaded).items()}
 
   def pick(path, cur, sh):
@@ -456,16 +482,19 @@ def train(config: mlc.ConfigDict, workdir: str, *,
   rng = jax.random.PRNGKey(int(config.seed))
   rng_init, rng_drop = jax.random.split(rng)
 
-  # First batch: shapes for init (data position 0; not consumed).
-  it0 = train_iterator(config, 0, pidx, pcount)
-  first = next(iter(it0))
-  ex = {k: np.zeros((1,) + np.shape(v)[1:], np.asarray(v).dtype)
-        for k, v in first.items() if not k.startswith('_')}
+  # Shapes for init from the pipeline's element spec (nothing is read yet).
+  spec = input_spec(config, pidx, pcount)
+  ex = {k: np.zeros((1,) + tuple(v.shape[1:]), v.dtype.as_numpy_dtype)
+        for k, v in spec.items() if not k.startswith('_')}
+  for k in model_inputs_keys(config):
+    if k not in ex:
+      raise ValueError(f'config.input.pp: batches have keys {sorted(ex)}, the '
+                       f'{config.model_name} model needs {k!r}')
   example_inputs = model_inputs(config, ex)
   abstract_params = jax.eval_shape(
       lambda r: flax.core.unfreeze(model.init(r, *example_inputs))['params'], rng_init)
   if config.model_init:  # start-up check before anything is written
-    load_init_params(config, model, abstract_params)
+    load_init_params(config, model, abstract_params, example_inputs)
   param_sh = tree_shardings(abstract_params, mesh)
 
   tx, sched = make_optimizer(config, total, abstract_params)
@@ -514,6 +543,9 @@ def train(config: mlc.ConfigDict, workdir: str, *,
     setting = quant.get_setting(config.qat.setting)
     calib = None
     if setting.needs_calibration:
+      # batch 0 with the current params (a resumed run re-calibrates: static-range
+      # QAT resumes approximately; dynamic settings resume exactly)
+      first = next(iter(train_iterator(config, 0, pidx, pcount)))
       g = _global_batch(first, data_sh, pcount)
       calib = quant_model.calibrate(model.apply, setting, {'params': params},
                                     [model_inputs(config, g)], train=False)
