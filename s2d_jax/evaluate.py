@@ -30,7 +30,8 @@ quantized, class embeddings come from the float text tower).
 field of each :class:`s2d_jax.quant.QuantSetting`), ``layers`` (float-model
 statistics per layer: max |x|, mean per-token ‖x‖∞, kurtosis, top-1/median,
 massive flag, channel-range spread), ``weights`` (σ_max, σ_1/σ_2, top-3 σ per
-kernel), ``pcdr`` (PCDR_1..3 on the first examples), ``model``,
+kernel), ``quant_plan`` (which modules each setting quantizes at which bits),
+``pcdr`` (PCDR_1..3 on the first examples), ``model``,
 ``checkpoint`` (path, kind, params SHA-256, number of params), ``data`` and
 ``devices``. The numbers do not depend on the number of devices.
 """
@@ -222,7 +223,7 @@ def evaluate_model(apply_fn: Callable, variables: Mapping[str, Any],
 
   Returns:
     The report dict (``accuracy``, ``counts``, ``settings``, ``layers``,
-    ``weights``, ``pcdr``, ``devices``, ``timing``).
+    ``weights``, ``quant_plan``, ``pcdr``, ``devices``, ``timing_s``).
   """
   parsed = parse_settings(settings)
   devices = list(devices) if devices is not None else jax.local_devices()
@@ -325,6 +326,9 @@ def evaluate_model(apply_fn: Callable, variables: Mapping[str, Any],
                 for s, n in zip(parsed, names)},
       devices=dict(count=ndev, platform=devices[0].platform),
       batches=done, batch_size=bsz, timing_s=timing)
+  report["quant_plan"] = {
+      n: _plan_summary(apply_fn, s, variables, buffered[0][image_key][:1])
+      for s, n in zip(parsed, names) if s is not None}
   if collect_stats and stats is not None:
     report["layers"] = outliers.summarize(stats)
   if weight_stats and "params" in variables:
@@ -333,6 +337,17 @@ def evaluate_model(apply_fn: Callable, variables: Mapping[str, Any],
     report["pcdr"] = _pcdr_report(apply_fn, variables, buffered[0], image_key,
                                   pcdr_examples)
   return report
+
+
+def _plan_summary(apply_fn, setting, variables, images) -> dict[str, Any]:
+  """Which module calls a setting quantizes, at which bits (traced only)."""
+  plan = quant_model.quantization_plan(apply_fn, setting, dict(variables), images)
+  by_bits: dict[str, list[str]] = {}
+  for p in plan:
+    key = f"W{p['w_bits']}A{p['a_bits']}" if p["w_bits"] else f"attnA{p['a_bits']}"
+    if p["path"] not in by_bits.setdefault(key, []):
+      by_bits[key].append(p["path"])
+  return dict(num_quantized_calls=len(plan), modules_by_bits=by_bits)
 
 
 def _pcdr_report(apply_fn, variables, batch, image_key, n):

@@ -90,6 +90,9 @@ def test_accuracy_matches_independent_computation(setup, reports):
   qpred = np.asarray(f(variables, x)).argmax(-1)
   assert r["counts"]["W4A4-static"]["correct"] == int((qpred == y).sum())
   assert r["settings"]["W4A4-static"]["a_mode"] == "static"
+  plan = r["quant_plan"]["W4A4-static"]["modules_by_bits"]
+  assert plan["W8A8"] == ["embedding", "head"]  # ends kept at 8 bits
+  assert "Transformer/encoderblock_0/MlpBlock_0/Dense_1" in plan["W4A4"]
   assert r["batches"] == 3 and r["batch_size"] == BS
   # statistics of the first matmul input == numpy on the real images
   s = r["layers"]["embedding/input"]
