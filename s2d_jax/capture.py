@@ -120,15 +120,16 @@ def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
 
 def collect_matmul_inputs(
     intermediates: Mapping[str, Any],
-    call_ndims: Mapping[tuple[str, ...], int] | None = None,
+    call_ndims: Mapping[tuple[str, ...], set[int]] | None = None,
 ) -> dict[str, Any]:
   """`'intermediates'` collection → tree mirroring params, `kernel` → inputs.
 
   A layer called several times in one forward pass contributes all its inputs,
   flattened to tokens and concatenated: `(n_calls · tokens, rows)`, or
-  `(layers, n_calls · tokens, rows)` when scanned. `call_ndims` maps a module path to
-  the ndim of one call's input as seen inside the layer (recorded at trace time); the
-  extra leading axes of the collected value are the scan (layer) axes, kept as is.
+  `(layers, n_calls · tokens, rows)` when scanned; calls may differ in rank (e.g. a
+  head applied to the token map and to the pooled features). `call_ndims` maps a
+  module path to the ranks of its inputs as seen inside the layer (recorded at trace
+  time); the collected values' extra leading axes are scan (layer) axes, kept as is.
   """
   flat = {}
   call_ndims = call_ndims or {}
@@ -140,7 +141,8 @@ def collect_matmul_inputs(
         if len(calls) == 1:
           flat[path + ("kernel",)] = calls[0]
         else:
-          lead = calls[0].ndim - call_ndims.get(path, calls[0].ndim)
+          seen = call_ndims.get(path) or {min(c.ndim for c in calls)}
+          lead = min(c.ndim for c in calls) - min(seen)
           flat[path + ("kernel",)] = jnp.concatenate(
               [c.reshape(c.shape[:lead] + (-1, c.shape[-1])) for c in calls],
               axis=lead)
@@ -175,7 +177,7 @@ def capture_matmul_inputs(
     view rows, shape `(..., rows)` (see the module docstring). Works under `jax.jit`.
   """
 
-  call_ndims: dict[tuple[str, ...], int] = {}  # static, filled while tracing
+  call_ndims: dict[tuple[str, ...], set[int]] = {}  # static, filled while tracing
 
   def interceptor(next_fun, call_args, call_kwargs, context):
     module = context.module
@@ -184,7 +186,7 @@ def capture_matmul_inputs(
         and (include is None or include(tuple(module.path)))):
       x_mat = matmul_rows(module, jnp.asarray(call_args[0]))
       if x_mat is not None:
-        call_ndims[tuple(module.path)] = x_mat.ndim
+        call_ndims.setdefault(tuple(module.path), set()).add(x_mat.ndim)
         module.sow(_COLLECTION, CAPTURE_NAME, x_mat)
     return next_fun(*call_args, **call_kwargs)
 

@@ -142,3 +142,35 @@ def test_grouped_conv_is_rejected_with_its_path():
 
 def test_matmul_rows_ignores_other_modules():
   assert capture.matmul_rows(nn.LayerNorm(), jnp.ones((2, 3))) is None
+
+
+class _TwoRanks(nn.Module):
+  """Like big_vision's ViT head: one Dense applied to a token map and to pooled features."""
+
+  @nn.compact
+  def __call__(self, x):
+    head = nn.Dense(3, name="head")
+    return head(x), head(x.mean(axis=(1, 2)))
+
+
+def test_layer_called_with_inputs_of_different_rank():
+  x = jax.random.normal(jax.random.PRNGKey(5), (2, 2, 2, 4))
+  model = _TwoRanks()
+  variables = model.init(jax.random.PRNGKey(0), x)
+  _, inputs = capture.capture_matmul_inputs(model.apply, variables, x)
+  expected = jnp.concatenate([x.reshape(-1, 4), x.mean(axis=(1, 2))])
+  np.testing.assert_allclose(inputs["head"]["kernel"], expected, rtol=1e-6)
+
+
+def test_vit_with_classifier_head_and_scan():
+  from s2d_jax.models import vit
+  model = vit.Model(5, width=32, depth=2, mlp_dim=64, num_heads=4, patch_size=(8, 8),
+                    pool_type="map", scan=True)
+  images = jnp.zeros((2, 16, 16, 3))
+  variables = model.init(jax.random.PRNGKey(0), images)
+  _, inputs = capture.capture_matmul_inputs(model.apply, variables, images)
+  blocks = inputs["Transformer"]["encoderblock"]
+  assert blocks["MlpBlock_0"]["Dense_0"]["kernel"].shape == (2, 2, 4, 32)
+  assert blocks["MultiHeadDotProductAttention_0"]["out"]["kernel"].shape == (2, 2, 4, 32)
+  assert inputs["embedding"]["kernel"].shape == (2, 2, 2, 8 * 8 * 3)
+  assert inputs["head"]["kernel"].shape[-1] == 32
