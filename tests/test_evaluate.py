@@ -45,8 +45,7 @@ def _batches(x, y):
   return out
 
 
-@pytest.fixture(scope="module")
-def reports(setup):
+def _reports(setup):
   model, variables, x, y = setup
   batches = _batches(x, y)
   garbage_pred = np.asarray(jax.jit(model.apply)(variables, batches[-1]["image"])[0])
@@ -61,7 +60,15 @@ def reports(setup):
   return out
 
 
-def test_same_numbers_on_1_2_8_devices(reports):
+def test_pmap_reports(setup, tmp_path):
+  """One fixture-free test (xdist would build a module fixture per worker)."""
+  reports = _reports(setup)
+  _same_numbers_on_1_2_8_devices(reports)
+  _accuracy_matches_independent_computation(setup, reports)
+  _report_plots_and_table(reports, tmp_path)
+
+
+def _same_numbers_on_1_2_8_devices(reports):
   r1 = reports[1]
   for n in (2, 8):
     assert reports[n]["counts"] == r1["counts"]
@@ -75,7 +82,7 @@ def test_same_numbers_on_1_2_8_devices(reports):
     assert reports[n]["devices"]["count"] == n
 
 
-def test_accuracy_matches_independent_computation(setup, reports):
+def _accuracy_matches_independent_computation(setup, reports):
   model, variables, x, y = setup
   r = reports[1]
   # masked rows are neither seen nor counted as correct; the padding is not dropped
@@ -106,7 +113,7 @@ def test_accuracy_matches_independent_computation(setup, reports):
       np.linalg.svd(w, compute_uv=False)[0], rtol=1e-5)
 
 
-def test_report_plots_and_table(reports, tmp_path):
+def _report_plots_and_table(reports, tmp_path):
   r = dict(reports[1])
   path = ev.write_report(r, str(tmp_path))
   with open(path) as f:
