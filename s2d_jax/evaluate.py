@@ -185,12 +185,6 @@ def _make_steps(apply_fn, output_fn, settings, devices, collect_stats):
            for s in settings if s and s.needs_calibration})
 
 
-def _no_head(path: tuple[str, ...]) -> bool:
-  # capture.collect_matmul_inputs cannot yet join the ViT head's two calls of
-  # different rank ((B, h, w, D) and (B, D)); PCDR is not needed for the head.
-  return path[-1:] != ("head",)
-
-
 def evaluate_model(apply_fn: Callable, variables: Mapping[str, Any],
                    batches: Iterable[Mapping[str, np.ndarray]], *,
                    settings: Sequence[str] = (FLOAT,),
@@ -357,7 +351,7 @@ def _pcdr_report(apply_fn, variables, batch, image_key, n):
   if len(imgs) == 0:
     return {}
   inputs = jax.jit(lambda v, x: capture.capture_matmul_inputs(
-      apply_fn, v, x, include=_no_head)[1])(dict(variables), imgs)
+      apply_fn, v, x)[1])(dict(variables), imgs)
   return outliers.pcdr_stats(variables["params"], inputs, 3)
 
 
