@@ -165,6 +165,9 @@ def test_select_kernels_default_and_mask():
 # ----------------------------------------------------------------------------
 
 
+TRACK = jax.jit(spectral.track, static_argnums=(0, 3))
+
+
 def _svd_ref(w, k):
   u, s, vt = np.linalg.svd(np.asarray(w, np.float64), full_matrices=False)
   return u[:, :k], s[:k], vt[:k].T
@@ -178,7 +181,7 @@ def test_track_matches_svd(rows, cols, k):
   basis = spectral.init_basis(view, k)
   keff = min(k, rows, cols)
   assert basis.shape == (2, keff, min(rows, cols))
-  t = jax.jit(spectral.track, static_argnums=(0, 3))(view, jnp.asarray(mats), basis, 80)
+  t = TRACK(view, jnp.asarray(mats), basis, 80)
   for i in range(2):
     u, s, v = _svd_ref(mats[i], keff)
     np.testing.assert_allclose(t.s[i], s, rtol=1e-5)
@@ -197,7 +200,7 @@ def test_rayleigh_ritz_sigma_more_accurate_than_subspace():
   u, s, v = _svd_ref(w, 2)
   q0 = np.linalg.qr(v + 0.05 * rng.normal(size=v.shape))[0]
   view = spectral.MatrixView(w.shape, 0, 1)
-  t = spectral.track(view, jnp.asarray(w), jnp.asarray(q0.T, jnp.float32), 1)
+  t = TRACK(view, jnp.asarray(w), jnp.asarray(q0.T, jnp.float32), 1)
   tv = np.asarray(t.v).T
   angle = np.linalg.norm(v - tv @ (tv.T @ v))
   rel = np.abs(np.asarray(t.s) - s) / s
@@ -208,7 +211,7 @@ def test_rayleigh_ritz_sigma_more_accurate_than_subspace():
 def test_top_k_cold_start():
   rng = np.random.default_rng(2)
   w = planted(rng, 16, 24, [6.0, 3.0, 2.0, 1.0, 0.5])
-  u, s, v = spectral.top_k(jnp.asarray(w), 3, iters=60)
+  u, s, v = jax.jit(spectral.top_k, static_argnums=(1, 2))(jnp.asarray(w), 3, 60)
   np.testing.assert_allclose(s, _svd_ref(w, 3)[1], rtol=1e-5)
   assert u.shape == (16, 3) and v.shape == (24, 3)
 
@@ -224,7 +227,7 @@ def test_track_rank_deficient_zero_and_nonfinite():
   mats = jnp.asarray(np.stack([rank1, zero, bad, inf]))
   view = spectral.MatrixView(mats.shape, 1, 1)
   basis = spectral.init_basis(view, 3, seed=4)
-  t = spectral.track(view, mats, basis, 30)
+  t = TRACK(view, mats, basis, 30)
   for x in t[:4]:
     assert np.all(np.isfinite(np.asarray(x)))
   np.testing.assert_allclose(t.s[0], [2.0, 0.0, 0.0], atol=1e-5)
