@@ -129,17 +129,17 @@ NB01 = [
     {repo_url_line()}
     DATA_DIR = "~/tensorflow_datasets"  # where the offline demo dataset is generated
     DATASET_CONFIG = "default"  # s2d_demo_shapes config: "default" (32px), "px64", "tiny"
-    MODEL = dict(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=(4, 4),
+    MODEL = dict(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=(8, 8),
                  pool_type="gap")  # ViT size (s2d_jax.models.vit kwargs)
     BATCH_SIZE = 128
-    PRETRAIN_STEPS = 800  # plain AdamW from scratch: our stand-in "pre-trained" model
-    FINETUNE_STEPS = 600  # then fine-tune: AdamW + weight decay vs AdamW + S2D
+    PRETRAIN_STEPS = 2000  # plain AdamW from scratch: our stand-in "pre-trained" model
+    FINETUNE_STEPS = 500  # then fine-tune: AdamW + weight decay vs AdamW + S2D
     PRETRAIN_LR = 1e-3
     FINETUNE_LR = 3e-4
     WEIGHT_DECAY = 1e-4
     S2D_STRENGTH = 5e-3  # lambda (coupled form, goes through Adam)
     S2D_POWER = 2.0  # n
-    TOY_STEPS = 300  # steps of the single-matrix demo
+    TOY_STEPS = 200  # steps of the single-matrix demo
     EVAL_BATCH = 256
     LOG_EVERY = 20
     SEED = 0
@@ -188,7 +188,7 @@ NB01 = [
     rows, cols = 256, 128
     U, _ = np.linalg.qr(rng.normal(size=(rows, cols)))
     V, _ = np.linalg.qr(rng.normal(size=(cols, cols)))
-    sigma0 = np.concatenate([[8.0, 6.0, 4.5], np.linspace(2.0, 0.5, cols - 3)])
+    sigma0 = np.concatenate([[8.0, 6.0, 4.5], np.linspace(1.0, 0.25, cols - 3)])
     W0 = {"kernel": jnp.asarray((U * sigma0) @ V.T, jnp.float32)}
 
     ETA, LAM = 1.0, 2e-3  # SGD step size, S2D strength (lambda); power n = 2
@@ -413,10 +413,11 @@ NB01 = [
     show(fig)
     '''),
     md("""
-    With `k=1` only $\\sigma_1$ of each kernel is penalised: it falls steadily under
-    S2D (and the bigger it was, the more it falls, since the push is
-    $\\lambda\\sigma_1^2$), while $\\sigma_2$ moves much less. Weight decay at the
-    usual strength barely touches the dominant directions.
+    Under S2D the largest singular value of every kernel falls steadily (the push is
+    $\\lambda\\sigma_1^2$, strongest where $\\sigma_1$ is largest); with `k=1` it always
+    acts on the *current* top direction, so once $\\sigma_1$ comes down to $\\sigma_2$
+    both are pushed down together: the top of the spectrum is flattened. Weight decay
+    at the usual strength barely touches the dominant directions.
 
     ### Does it matter for quantization?
 
@@ -799,9 +800,263 @@ NB02 = [
     '''),
 ]
 
+# ============================================================================
+# 03: fine-tune with S2D
+# ============================================================================
+
+NB03 = [
+    md(f"""
+    # Fine-tuning with S2D: baseline vs S2D, then post-training quantization
+
+    {colab_badge("03_finetune_with_s2d.ipynb")}
+
+    The paper's recipe with the project's trainer (`s2d_jax.train`) and configs:
+    fine-tune the same starting checkpoint twice — **AdamW** (baseline) and
+    **AdamW + S2D** — then evaluate both in float and fake-quantized at W8A8 / W6A6 /
+    W4A4 (`s2d_jax.evaluate`, `pmap` over all devices), and compare.
+
+    * `SETUP = "demo"` (default, any Colab runtime, a few minutes): `configs/demo.py`, a
+      small ViT on the offline demo dataset `s2d_demo_shapes`. The notebook first
+      trains the starting checkpoint itself (from scratch, AdamW), exports it as a
+      big_vision `.npz`, and fine-tunes both runs from it.
+    * `SETUP = "paper"` (TPU runtime): `configs/siglip2_b16_384_i1k.py`, the paper's main
+      setup — SigLIP2-B/16 at 384 px from `gs://big_vision/siglip2/siglip2_b16_384.npz`,
+      10 epochs of ImageNet-1k, global batch 512. It needs `imagenet2012` prepared in
+      `DATA_DIR` (a manual download; tfds cannot fetch it) and, for the full 10
+      epochs, a TPU pod slice (see the config file); on a single Colab TPU set
+      `FINETUNE_STEPS` to a few hundred to try the pipeline.
+    """),
+    params(f'''
+    {repo_url_line()}
+    SETUP = "demo"  # "demo" (configs/demo.py, any runtime) or "paper" (SigLIP2-B/16, TPU)
+    DEMO_SIZE = "default"  # demo config size: "default" or "tiny"
+    DATA_DIR = "~/tensorflow_datasets"  # tfds data_dir (paper: holds a prepared imagenet2012)
+    WORKDIR = "s2d_03"  # local directory or gs://bucket/path; one sub-directory per run
+    PRETRAIN_STEPS = 1500  # demo only: training of the starting checkpoint from scratch
+    FINETUNE_STEPS = 0  # 0 = the config's length (demo: 300 steps, paper: 10 epochs)
+    EVAL_MAX_BATCHES = None  # None = the whole evaluation split
+    CONFIG_OVERRIDES = {{}}  # dotted config overrides, e.g. {{"lr": 1e-4, "s2d.strength": 1e-3}}
+    '''),
+    code(SETUP),
+    md(r"""
+    ## The recipe
+
+    Both runs share everything — starting checkpoint, data order, learning-rate schedule,
+    weight decay — except the S2D link in front of AdamW:
+
+    $$g_t \leftarrow \nabla_W \mathcal{L}_{\text{task}} + \lambda \sum_{i \le k_\ell} \sigma_i^{\,n}\, u_i v_i^\top
+    \quad\text{for every kernel } W \text{ (layer } \ell\text{)},\qquad
+    W \leftarrow \mathrm{AdamW}(g_t),$$
+
+    the gradient of $\frac{\lambda}{n+1}\sum_{i\le k_\ell}\sigma_i^{n+1}$, with the
+    paper's $n = 2$, $K_{\max} = 3$, $\tau = 0.95$. Every $m$ steps the trainer captures
+    the inputs of every matmul on a training batch and sets each layer's $k_\ell$ to the
+    smallest $k \le K_{\max}$ whose PCDR (the share of the layer's outlier outputs
+    produced by its top-$k$ singular components) reaches $\tau$ — 0 if none, i.e. that
+    layer is not regularised (`pcdr.select_active` → `optim.set_active`, no
+    recompilation). The top singular triplets are tracked by power iteration inside the
+    optimizer state.
+
+    The configs are the project's `configs/*.py` (big_vision style, `get_config(arg)`);
+    a pip-installed package does not ship them, so the next cell clones the repository
+    when it does not find them next to the package.
+    """),
+    code('''
+    import json
+    import numpy as np
+    import s2d_jax
+    from s2d_jax import config_utils
+
+    def find_config_dir():
+      here = os.path.join(os.path.dirname(os.path.dirname(s2d_jax.__file__)), "configs")
+      if os.path.isdir(here):
+        return here
+      clone = os.path.abspath("s2d_jax_src")
+      if not os.path.isdir(clone):
+        subprocess.run(["git", "clone", "-q", "--depth", "1", REPO_URL, clone], check=True)
+      return os.path.join(clone, "configs")
+
+    CONFIG_DIR = find_config_dir()
+    CONFIG_FILE = {"demo": "demo.py", "paper": "siglip2_b16_384_i1k.py"}[SETUP]
+    data_dir = os.path.expanduser(DATA_DIR)
+    workdir = WORKDIR if "://" in WORKDIR else os.path.abspath(os.path.expanduser(WORKDIR))
+
+
+    def make_config(s2d: bool, init: str = "", steps: int = 0):
+      """The config of one run: the file's get_config(arg) plus this notebook's knobs."""
+      arg = f"s2d={s2d}"
+      if SETUP == "demo":
+        arg += f",size={DEMO_SIZE},data_dir={data_dir}"
+      if init:
+        arg += f",init={init}"
+      config = config_utils.load_config(f"{os.path.join(CONFIG_DIR, CONFIG_FILE)}:{arg}")
+      if SETUP == "paper":
+        config.input.data_dir = config.evaluate.data_dir = data_dir
+      if steps:
+        config.total_steps, config.total_epochs = int(steps), 0.0
+      config.evaluate.max_batches = EVAL_MAX_BATCHES
+      return config_utils.apply_overrides(config, dict(CONFIG_OVERRIDES))
+
+
+    base = make_config(s2d=False)
+    print(f"{CONFIG_FILE}: model {dict(base.model)}, init {base.model_init or '(scratch)'}")
+    print(f"  data {base.input.data.name}[{base.input.data.split}], batch {base.input.batch_size}, "
+          f"lr {base.lr}, wd {base.wd}")
+    print(f"  S2D (when enabled): {json.dumps(make_config(s2d=True).s2d.to_dict())}")
+    '''),
+    md("""
+    ## The starting checkpoint
+
+    Demo: the demo dataset is generated offline, then the same config is trained from
+    scratch with plain AdamW for `PRETRAIN_STEPS` steps; the trainer exports the final
+    parameters as a big_vision `.npz`, which both fine-tuning runs load (with a fresh
+    zero-initialised head, like the paper's ImageNet runs). Paper: the config's public
+    SigLIP2 checkpoint. Runs resume from their last orbax checkpoint if the work
+    directory already holds one.
+    """),
+    code('''
+    from s2d_jax import train
+
+    if SETUP == "demo":
+      from s2d_jax.data import demo
+      demo.build(data_dir, base.input.data.name.split("/")[1])  # offline; no-op when present
+      pre = train.train(make_config(s2d=False, steps=PRETRAIN_STEPS), f"{workdir}/pretrain")
+      init = pre["npz"]
+    else:
+      init = ""  # the config's model_init
+    print("fine-tuning starts from", init or base.model_init)
+    '''),
+    md("""
+    ## Fine-tune twice
+
+    The trainer logs loss, accuracy, σ_max of the largest kernels and (with S2D) the
+    number of active components to `WORKDIR/<run>/metrics.jsonl`, and checkpoints
+    with orbax.
+    """),
+    code('''
+    RUNS = {"AdamW": False, "AdamW + S2D": True}
+    run_dir = {run: f"{workdir}/{'s2d' if s2d else 'adamw'}" for run, s2d in RUNS.items()}
+    configs, results = {}, {}
+    for run, s2d in RUNS.items():
+      print(f"--- {run}")
+      configs[run] = make_config(s2d=s2d, init=init, steps=FINETUNE_STEPS)
+      results[run] = train.train(configs[run], run_dir[run])
+    '''),
+    md("""
+    ## Evaluate both
+
+    `s2d_jax.evaluate.evaluate` runs the config's evaluation split in float and at every
+    setting of `config.evaluate.settings` under `pmap`, records per-layer activation
+    statistics, σ of every kernel and PCDR, and writes `report.json` (plus plots) into
+    each run's directory.
+    """),
+    code('''
+    from s2d_jax import evaluate
+
+    reports = {run: evaluate.evaluate(configs[run], run_dir[run], params=results[run]["params"],
+                                      progress=False)
+               for run in RUNS}
+    '''),
+    md("""
+    ## Training curves
+
+    Loss and training accuracy (left, middle), and σ_max of the kernels the trainer
+    logs (right): the largest singular values of the S2D run (solid) fall away from the
+    baseline's (dashed) while the loss curves stay together.
+    """),
+    code('''
+    from s2d_jax import metrics
+
+    logs = {run: metrics.read_metrics(os.path.join(run_dir[run], "metrics.jsonl"))
+            for run in RUNS}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    styles = {"AdamW": "--", "AdamW + S2D": "-"}
+    for run, log in logs.items():
+      steps = [r["step"] for r in log]
+      axes[0].plot(steps, [r["loss"] for r in log], styles[run], label=run)
+      axes[1].plot(steps, [100 * r["acc"] for r in log], styles[run], label=run)
+      keys = sorted({k for r in log for k in r if k.startswith("sigma_max/")})
+      for j, k in enumerate(keys):
+        axes[2].plot(steps, [r.get(k, np.nan) for r in log], styles[run], color=f"C{j}",
+                     label=k.split("/", 1)[1].replace("Transformer/", "")
+                     if run == "AdamW + S2D" else None)
+    axes[0].set(xlabel="step", ylabel="training loss", title="Loss")
+    axes[1].set(xlabel="step", ylabel="training accuracy (%)", title="Accuracy")
+    axes[2].set(xlabel="step", ylabel="σ_max", title="σ_max (solid: S2D, dashed: AdamW)")
+    axes[0].legend()
+    axes[2].legend(fontsize=6)
+    show(fig)
+    '''),
+    md("""
+    ## Quantization: accuracy, outliers, σ_max
+
+    Left: top-1 of both models in float and at each bit width (the number above a bar
+    is the drop from that model's float accuracy). Middle: the largest input of every
+    matmul per layer over the evaluation split (log scale) — the outliers that set the
+    quantization step. Right: σ_max of every kernel.
+    """),
+    code('''
+    settings = list(reports["AdamW"]["accuracy"])
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    width = 0.38
+    for j, (run, rep) in enumerate(reports.items()):
+      acc = rep["accuracy"]
+      xs = np.arange(len(settings)) + (j - 0.5) * width
+      bars = axes[0].bar(xs, [100 * acc[s] for s in settings], width, label=run)
+      for b, s in zip(bars, settings):
+        if s != "float":
+          axes[0].annotate(f"{100 * (acc[s] - acc['float']):+.1f}",
+                           (b.get_x() + width / 2, b.get_height()), ha="center",
+                           va="bottom", fontsize=7)
+    axes[0].set_xticks(np.arange(len(settings)), settings)
+    axes[0].set(ylabel="top-1 (%)", title="Accuracy, float and fake-quantized")
+    axes[0].legend(fontsize=8)
+
+    def forward_order(name):
+      m = name.split("encoderblock_")
+      return (int(m[1].split("/")[0]) if len(m) > 1 else (-1 if "embedding" in name else 1e9), name)
+
+    inputs = sorted((k for k in reports["AdamW"]["layers"] if k.endswith("/input")
+                     and not k.startswith("head")), key=forward_order)
+    kernels = sorted(reports["AdamW"]["weights"], key=forward_order)
+    for run, rep in reports.items():
+      axes[1].plot(range(len(inputs)), [rep["layers"][k]["max_abs"] for k in inputs],
+                   styles[run], marker="o", ms=3, label=run)
+      axes[2].plot(range(len(kernels)), [rep["weights"][k]["sigma_max"] for k in kernels],
+                   styles[run], marker="o", ms=3, label=run)
+    axes[1].set(yscale="log", xlabel="matmul (forward order)", ylabel="max |input|",
+                title="Activation outliers per layer")
+    axes[2].set(yscale="log", xlabel="kernel (forward order)", ylabel="σ_max",
+                title="σ_max per kernel")
+    axes[1].legend(fontsize=8)
+    axes[2].legend(fontsize=8)
+    show(fig)
+
+    for run, rep in reports.items():
+      print(f"{run}:")
+      print(evaluate.format_table(rep))
+    '''),
+    md("""
+    ## From here
+
+    * The same runs from a terminal (one line per run; `--config.x=v` overrides any key):
+
+      ```
+      python -m s2d_jax.train --config configs/siglip2_b16_384_i1k.py:s2d=True --workdir gs://BUCKET/s2d
+      python -m s2d_jax.evaluate --config configs/siglip2_b16_384_i1k.py --workdir gs://BUCKET/s2d
+      ```
+    * `02_outliers_and_ptq.ipynb` looks at one checkpoint's outliers, σ_max and PCDR in
+      more detail.
+    * On the demo the effect is small and noisy (a few hundred steps of a small model
+      with mild outliers); the paper's numbers (SigLIP2-B/16 384, W4A4 ERQ 65.6 → 73.0,
+      RepQ-ViT W6A6 58.5 → 80.0) come from the full ImageNet setup.
+    """),
+]
+
 NOTEBOOKS = {
     "01_quickstart.ipynb": NB01,
     "02_outliers_and_ptq.ipynb": NB02,
+    "03_finetune_with_s2d.ipynb": NB03,
 }
 
 

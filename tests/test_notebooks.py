@@ -49,6 +49,9 @@ TINY = {
         TINY_IMAGE=dict(TINY_VIT, pool_type="map"),
         TINY_TEXT=dict(width=16, depth=1, mlp_dim=32, num_heads=2, vocab_size=32),
         NUM_PROBE_TRAIN=32, PROBE_STEPS=5, EVAL_BATCH=16, MAX_EVAL_BATCHES=2),
+    "03_finetune_with_s2d.ipynb": dict(
+        SETUP="demo", DEMO_SIZE="tiny", DATA_DIR="{tmp}/tfds", WORKDIR="{tmp}/work",
+        PRETRAIN_STEPS=4, FINETUNE_STEPS=4, EVAL_MAX_BATCHES=2),
 }
 
 
