@@ -384,7 +384,11 @@ NB01 = [
 
     start = pre_log["sigma"][-1]
     top = sorted(KERNELS, key=lambda n: -start[n][..., 0].max())[:6]
-    short = lambda n: n.replace("Transformer/", "").replace("/kernel", "")
+    def short(name):  # "Transformer/encoderblock_1/MlpBlock_0/Dense_1/kernel" -> "b1/mlp/Dense_1"
+      for a, b in (("Transformer/", ""), ("/kernel", ""), ("encoderblock_", "b"),
+                   ("MultiHeadDotProductAttention_0", "attn"), ("MlpBlock_0", "mlp")):
+        name = name.replace(a, b)
+      return name
 
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 4.5))
     for j, name in enumerate(top):
@@ -478,11 +482,12 @@ NB01 = [
     ax0.axhline(100 / len(CLASS_NAMES), color="k", ls=":", lw=1, label="chance")
     ax0.legend(fontsize=8)
 
-    layer_names = [n for n in KERNELS if n in act_max["pre-trained"]]  # forward order
+    layer_names = sorted((n for n in KERNELS if n in act_max["pre-trained"]),
+                         key=lambda n: (not n.startswith("embedding"), n))  # stem first
     for run, mx in act_max.items():
       ax1.plot(range(len(layer_names)), [mx[n] for n in layer_names], "o-", ms=3, label=run)
-    ax1.set_xticks(range(len(layer_names)), [short(n).replace("encoderblock_", "b")
-                                             for n in layer_names], rotation=90, fontsize=6)
+    ax1.set_xticks(range(len(layer_names)), [short(n) for n in layer_names], rotation=90,
+                   fontsize=7)
     ax1.set(yscale="log", ylabel="max |x| over the test set",
             title="Largest input to every matmul")
     ax1.legend(fontsize=8)
@@ -721,6 +726,8 @@ NB02 = [
     ax1.set(yscale="log", xlabel="block", ylabel="max |x| / median |x|",
             title="How far the outliers stick out")
     ax0.legend(fontsize=8)
+    for ax in (ax0, ax1):
+      ax.set_xticks(blocks)
     show(fig)
 
     worst = max(layers, key=lambda k: layers[k]["max_abs"])
@@ -758,6 +765,8 @@ NB02 = [
     axes[0].set(yscale="log", xlabel="block", ylabel="σ_max", title="σ_max per kernel")
     axes[1].set(yscale="log", xlabel="block", ylabel="σ_1 / σ_2", title="Spectral gap")
     axes[0].legend(fontsize=8)
+    for ax in axes[:2]:
+      ax.set_xticks(blocks)
 
     names = sorted((n for n in ratios if block_of(n) is not None),
                    key=lambda n: (block_of(n), n))
