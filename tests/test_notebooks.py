@@ -42,7 +42,8 @@ TINY_VIT = dict(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=(4, 4),
 # Tiny overrides per notebook; "{tmp}" is replaced by the test's tmp_path.
 TINY = {
     "01_quickstart.ipynb": dict(
-        DATA_DIR="{tmp}/tfds", DATASET_CONFIG="tiny", MODEL=TINY_VIT, BATCH_SIZE=16,
+        DATA_DIR="{tmp}/tfds", DATASET_CONFIG="tiny", MODEL=dict(TINY_VIT, depth=1),
+        BATCH_SIZE=16,
         PRETRAIN_STEPS=4, FINETUNE_STEPS=4, TOY_STEPS=6, EVAL_BATCH=16, LOG_EVERY=2),
     "02_outliers_and_ptq.ipynb": dict(
         CHECKPOINT="", WORKDIR="{tmp}/work", DATA_DIR="{tmp}/tfds", DATASET_CONFIG="tiny",
