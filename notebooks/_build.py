@@ -894,15 +894,15 @@ NB03 = [
     def make_config(s2d: bool, init: str = "", steps: int = 0):
       """The config of one run: the file's get_config(arg) plus this notebook's knobs."""
       arg = f"s2d={s2d}"
-      if SETUP == "demo":
-        arg += f",size={DEMO_SIZE},data_dir={data_dir}"
+      if SETUP == "demo":  # (steps via the arg: the demo scales logging / PCDR refresh with it)
+        arg += f",size={DEMO_SIZE},data_dir={data_dir},steps={int(steps)}"
       if init:
         arg += f",init={init}"
       config = config_utils.load_config(f"{os.path.join(CONFIG_DIR, CONFIG_FILE)}:{arg}")
       if SETUP == "paper":
         config.input.data_dir = config.evaluate.data_dir = data_dir
-      if steps:
-        config.total_steps, config.total_epochs = int(steps), 0.0
+        if steps:
+          config.total_steps, config.total_epochs = int(steps), 0.0
       config.evaluate.max_batches = EVAL_MAX_BATCHES
       return config_utils.apply_overrides(config, dict(CONFIG_OVERRIDES))
 
