@@ -69,11 +69,12 @@ class MetricWriter:
 
 
 def format_line(record: Mapping[str, Any]) -> str:
-  """'step 100 | loss 2.3012 | acc 0.1250 | lr 1.00e-04 | ...' (lists are skipped)."""
+  """'step 100 | loss 2.3012 | acc 0.1250 | lr 1.00e-04 | ...' (lists, dicts and
+  per-item keys containing '/' are skipped)."""
   parts = [f"step {record.get('step')}"]
   for k, v in record.items():
-    if k in ('step', 'time') or isinstance(v, (list, dict)):
-      continue
+    if k in ('step', 'time') or isinstance(v, (list, dict)) or '/' in k:
+      continue  # per-kernel entries ('sigma_max/<path>') only go to the file
     if isinstance(v, float):
       if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5) and math.isfinite(v):
         parts.append(f'{k} {v:.2e}')

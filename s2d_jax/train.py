@@ -230,7 +230,8 @@ def make_optimizer(config, total_steps: int, abstract_params):
 
 def build_model(config):
   """The linen module named by config.model_name with config.model kwargs."""
-  kw = dict(config.model)
+  kw = config.model.to_dict() if hasattr(config.model, 'to_dict') else dict(
+      config.model)
   if config.model_name == 'vit':
     from s2d_jax.models import vit  # pylint: disable=g-import-not-at-top
     return vit.Model(int(config.num_classes), **kw)
@@ -590,6 +591,9 @@ def train(config: mlc.ConfigDict, workdir: str, *,
       batch = _global_batch(local, data_sh, pcount)
       if refresh is not None and _is_refresh_step(step, int(config.s2d.refresh_every)):
         opt_state, active = refresh(params, opt_state, batch['image'])
+        # Wait before the step: on XLA:CPU the two programs running concurrently
+        # (async dispatch) were seen to deadlock; costs nothing measurable on TPU.
+        jax.block_until_ready(opt_state)
       params, opt_state, m = train_step(params, opt_state, batch,
                                         jnp.asarray(step, jnp.int32))
       step += 1
@@ -600,7 +604,9 @@ def train(config: mlc.ConfigDict, workdir: str, *,
                'lr': float(sched(step - 1)),
                'steps_per_sec': (step - step_last) / max(now - t_last, 1e-9)}
         if sigma_fn is not None:
-          for k, v in jax.device_get(sigma_fn(params)).items():
+          sig = jax.device_get(sigma_fn(params))
+          rec['sigma_max'] = max(float(v) for v in sig.values())
+          for k, v in sig.items():
             rec[f'sigma_max/{k}'] = v
         if config.s2d.enabled:
           rec.update(_s2d_log(opt_state))
@@ -650,23 +656,36 @@ def _s2d_log(opt_state) -> dict:
 
 
 def _make_pcdr_refresh(config, model, opt_sh, repl):
-  """jit: (params, opt_state, images) -> (opt_state with new active counts, active)."""
+  """(params, opt_state, images) -> (opt_state with new active counts, active).
+
+  capture runs as one jitted program on `pcdr_batch` images (replicated); the PCDR
+  of each kernel is its own small jitted program (pcdr.select_active called outside
+  jit) and set_active replaces values only, so nothing recompiles after the first
+  refresh. (A single fused capture+PCDR program was seen to deadlock XLA:CPU.)
+  """
   from s2d_jax import capture, optim, pcdr  # pylint: disable=g-import-not-at-top
   nb = int(config.s2d.pcdr_batch)
   exclude = tuple(config.s2d.exclude)
   pats = [re.compile(e) for e in exclude]
 
-  def refresh(params, opt_state, images):
-    imgs = images[:nb]
+  @functools.partial(jax.jit, out_shardings=repl)
+  def capture_fn(params, images):
+    imgs = jax.lax.with_sharding_constraint(images[:nb], repl)
+    params = jax.lax.with_sharding_constraint(params, repl)
     _, inputs = capture.capture_matmul_inputs(
         model.apply, {'params': params}, imgs, train=False,
         include=lambda path: not any(r.search('/'.join(path) + '/kernel')
                                      for r in pats))
+    return inputs
+
+  def refresh(params, opt_state, images):
+    inputs = jax.block_until_ready(capture_fn(params, images))
     active = pcdr.select_active(params, inputs, k_max=int(config.s2d.k_max),
                                 tau=float(config.s2d.tau),
                                 mask=s2d_mask(params, exclude))
+    active = jax.block_until_ready(active)
     return optim.set_active(opt_state, active), active
-  return jax.jit(refresh, out_shardings=(opt_sh, repl))
+  return refresh
 
 
 # ----------------------------------------------------------------------------------
