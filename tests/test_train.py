@@ -1,0 +1,201 @@
+"""Trainer: loss decreases, S2D lowers σ_max, QAT runs, exact resume after a crash,
+model_init from a big_vision npz, start-up errors that write nothing."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from s2d_jax import checkpointing
+from s2d_jax import config_utils as cu
+from s2d_jax import metrics
+from s2d_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, 'configs', 'demo.py')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  from s2d_jax.data import demo
+  d = str(tmp_path_factory.mktemp('tfds'))
+  demo.build(d, 'tiny')
+  return d
+
+
+def _config(data_dir, **kw):
+  c = cu.load_config(f'{DEMO}:size=tiny,data_dir={data_dir}')
+  c.evaluate.enabled = False
+  c.export_npz = False
+  c.log_every = 1
+  c.ckpt_every = 0
+  c.total_steps = 8
+  for k, v in kw.items():
+    cu.apply_overrides(c, {k: v})
+  return c
+
+
+def _sigmas(params):
+  fn = train.sigma_max_fn(train.largest_kernels(params, 100))
+  return {k: float(v) for k, v in jax.device_get(jax.jit(fn)(params)).items()}
+
+
+def test_loss_goes_down_and_metrics_are_logged(data_dir, tmp_path):
+  c = _config(data_dir, total_steps=24, lr=3e-3, warmup_frac=0.1)
+  res = train.train(c, str(tmp_path), echo=False)
+  recs = metrics.read_metrics(os.path.join(tmp_path, 'metrics.jsonl'))
+  assert [r['step'] for r in recs] == list(range(1, 25))
+  loss = np.array([r['loss'] for r in recs])
+  assert np.all(np.isfinite(loss))
+  assert loss[-6:].mean() < loss[:6].mean() - 0.05, loss
+  sched = train.lr_schedule(c, 24)
+  np.testing.assert_allclose([r['lr'] for r in recs],
+                             [float(sched(s - 1)) for s in range(1, 25)], rtol=1e-6)
+  for key in ('acc', 'grad_norm', 'steps_per_sec', 'sigma_max'):
+    assert key in recs[-1]
+  # σ_max logged = exact σ_max of the final params' largest kernels
+  sig = _sigmas(res['params'])
+  logged = {k[len('sigma_max/'):]: v for k, v in recs[-1].items()
+            if k.startswith('sigma_max/')}
+  assert logged and set(logged) <= set(sig)
+  for k, v in logged.items():
+    np.testing.assert_allclose(v, sig[k], rtol=1e-4)
+  # the final checkpoint holds the returned params
+  got = checkpointing.restore_params(str(tmp_path))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(jax.device_get(res['params']))):
+    np.testing.assert_array_equal(a, b)
+  assert json.load(open(os.path.join(tmp_path, 'config.json')))['total_steps'] == 24
+
+
+def test_s2d_lowers_sigma_max(data_dir, tmp_path):
+  kw = dict(total_steps=10, lr=1e-3, wd=0.0)
+  base = train.train(_config(data_dir, **kw), str(tmp_path / 'base'), echo=False)
+  s2d = train.train(
+      _config(data_dir, **kw, **{'s2d.enabled': True, 's2d.strength': 0.5,
+                                 's2d.tau': 1e-6, 's2d.refresh_every': 5}),
+      str(tmp_path / 's2d'), echo=False)
+  sb, ss = _sigmas(base['params']), _sigmas(s2d['params'])
+  enc = [k for k in sb if k.startswith('Transformer/')]
+  assert enc
+  lower = [ss[k] < sb[k] for k in enc]
+  assert all(lower), {k: (sb[k], ss[k]) for k in enc}
+  recs = metrics.read_metrics(os.path.join(tmp_path, 's2d', 'metrics.jsonl'))
+  assert recs[-1]['s2d_active'] > 0          # tau ~ 0: k = 1 for every kernel
+
+
+def test_qat_runs_and_changes_the_forward(data_dir, tmp_path):
+  kw = dict(total_steps=3)
+  f = train.train(_config(data_dir, **kw), str(tmp_path / 'f'), echo=False)
+  q = train.train(_config(data_dir, **kw, **{'qat.enabled': True,
+                                             'qat.setting': 'W4A4'}),
+                  str(tmp_path / 'q'), echo=False)
+  rf = metrics.read_metrics(os.path.join(tmp_path, 'f', 'metrics.jsonl'))
+  rq = metrics.read_metrics(os.path.join(tmp_path, 'q', 'metrics.jsonl'))
+  assert all(np.isfinite(r['loss']) for r in rq)
+  # same data, same init: different losses after the first update (fake-quant fwd)
+  assert rq[-1]['loss'] != rf[-1]['loss']
+
+
+class Crash(Exception):
+  pass
+
+
+def test_resume_after_crash_is_exact(data_dir, tmp_path):
+  kw = {'total_steps': 8, 'ckpt_every': 4, 's2d.enabled': True, 's2d.tau': 1e-6,
+        's2d.refresh_every': 3, 'input.shuffle_buffer_size': 64}
+  full = train.train(_config(data_dir, **kw), str(tmp_path / 'full'), echo=False)
+
+  def crash(step):
+    if step == 6:
+      raise Crash()
+  wd = str(tmp_path / 'crashed')
+  with pytest.raises(Crash):
+    train.train(_config(data_dir, **kw), wd, on_step=crash, echo=False)
+  assert checkpointing.Checkpointer(wd, create=False).all_steps() == [4]
+  res = train.train(_config(data_dir, **kw), wd, echo=False)
+  assert res['start_step'] == 4
+  for a, b in zip(jax.tree.leaves(jax.device_get(full['params'])),
+                  jax.tree.leaves(jax.device_get(res['params']))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_model_init_from_big_vision_npz(data_dir, tmp_path):
+  from s2d_jax.models import siglip
+  c = _config(data_dir, total_steps=1, lr=1e-9)
+  model = train.build_model(c)
+  p = model.init(jax.random.PRNGKey(7), np.zeros((1, 16, 16, 3), np.float32))['params']
+  p = jax.tree.map(lambda x: np.asarray(x) + 0.01, p)
+  npz = str(tmp_path / 'init.npz')
+  siglip.save(npz, {k: v for k, v in p.items() if k != 'head'})
+  c.model_init = npz
+  c.lr = 1e-12
+  res = train.train(c, str(tmp_path / 'run'), echo=False)
+  got = jax.device_get(res['params'])
+  np.testing.assert_allclose(got['Transformer']['encoder_norm']['scale'],
+                             p['Transformer']['encoder_norm']['scale'], atol=1e-6)
+  # a checkpoint of another model: clear error naming a key, nothing written
+  c2 = _config(data_dir, total_steps=1, **{'model.width': 48})
+  c2.model_init = npz
+  wd = str(tmp_path / 'other')
+  with pytest.raises(ValueError, match="another model|shape mismatch for 'MAPHead_0"):
+    train.train(c2, wd, echo=False)
+  assert not os.path.exists(wd)
+
+
+def test_startup_errors_write_nothing(data_dir, tmp_path):
+  wd = str(tmp_path / 'w')
+  c = _config(data_dir)
+  c.bogus = 1
+  with pytest.raises(ValueError, match='bogus'):
+    train.train(c, wd, echo=False)
+  c = _config(str(tmp_path / 'empty_tfds'))
+  with pytest.raises(FileNotFoundError, match='s2d_demo_shapes'):
+    train.train(c, wd, echo=False)
+  c = _config(data_dir, **{'input.batch_size': 12})
+  with pytest.raises(ValueError, match='divisible'):
+    train.train(c, wd, echo=False)
+  c = _config(data_dir, model_init=str(tmp_path / 'missing.npz'))
+  with pytest.raises(FileNotFoundError, match='missing.npz'):
+    train.train(c, wd, echo=False)
+  assert not os.path.exists(wd)
+  # resuming a workdir whose checkpoint is from another model
+  train.train(_config(data_dir, total_steps=1), wd, echo=False)
+  before = sorted(os.listdir(wd))
+  with pytest.raises(ValueError, match='another model'):
+    train.train(_config(data_dir, total_steps=2, **{'model.mlp_dim': 32}), wd,
+                echo=False)
+  assert sorted(os.listdir(wd)) == before
+
+
+def test_fsdp_spec_and_mesh():
+  assert train.fsdp_spec((8, 6), 2) == jax.sharding.PartitionSpec('fsdp', None) or \
+      train.fsdp_spec((8, 6), 2) == jax.sharding.PartitionSpec(None, 'fsdp')
+  assert train.fsdp_spec((8, 6), 4) == jax.sharding.PartitionSpec('fsdp', None)
+  assert train.fsdp_spec((3, 5), 2) == jax.sharding.PartitionSpec()
+  assert train.fsdp_spec((), 2) == jax.sharding.PartitionSpec()
+  m = train.make_mesh(2)
+  assert dict(m.shape) == {'data': jax.device_count() // 2, 'fsdp': 2}
+  with pytest.raises(ValueError, match='mesh.fsdp=3'):
+    train.make_mesh(3)
+
+
+def test_weight_decay_mask_and_losses():
+  p = {'Dense_0': {'kernel': np.zeros((2, 3)), 'bias': np.zeros(3)},
+       'LayerNorm_0': {'scale': np.zeros(3)}, 'pos_embedding': np.zeros((1, 4, 3))}
+  m = train.weight_decay_mask(p)
+  assert m == {'Dense_0': {'kernel': True, 'bias': False},
+               'LayerNorm_0': {'scale': False}, 'pos_embedding': False}
+  logits = np.array([[2.0, 0.0, -1.0]], np.float32)
+  lab = np.array([0])
+  ls = np.log(np.exp(logits).sum())
+  np.testing.assert_allclose(train.softmax_xent(logits, lab, 3), ls - 2.0, rtol=1e-6)
+  y = np.array([[1., 0., 0.]])
+  ref = -np.sum(y * np.log(1 / (1 + np.exp(-logits))) +
+                (1 - y) * np.log(1 / (1 + np.exp(logits))))
+  np.testing.assert_allclose(train.sigmoid_xent(logits, lab, 3), ref, rtol=1e-6)
+  sm = 0.1
+  ysm = np.array([[1 - sm + sm / 3, sm / 3, sm / 3]])
+  ref2 = -np.sum(ysm * (logits - ls))
+  np.testing.assert_allclose(train.softmax_xent(logits, lab, 3, sm), ref2, rtol=1e-6)
