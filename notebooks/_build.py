@@ -841,7 +841,7 @@ NB03 = [
     DEMO_SIZE = "default"  # demo config size: "default" or "tiny"
     DATA_DIR = "~/tensorflow_datasets"  # tfds data_dir (paper: holds a prepared imagenet2012)
     WORKDIR = "s2d_03"  # local directory or gs://bucket/path; one sub-directory per run
-    PRETRAIN_STEPS = 1500  # demo only: training of the starting checkpoint from scratch
+    PRETRAIN_STEPS = 1500  # demo only: trains the starting checkpoint (0: fine-tune from random init)
     FINETUNE_STEPS = 0  # 0 = the config's length (demo: 300 steps, paper: 10 epochs)
     EVAL_MAX_BATCHES = None  # None = the whole evaluation split
     CONFIG_OVERRIDES = {{}}  # dotted config overrides, e.g. {{"lr": 1e-4, "s2d.strength": 1e-3}}
@@ -926,14 +926,14 @@ NB03 = [
     code('''
     from s2d_jax import train
 
+    init = ""  # paper: the config's model_init
     if SETUP == "demo":
       from s2d_jax.data import demo
       demo.build(data_dir, base.input.data.name.split("/")[1])  # offline; no-op when present
-      pre = train.train(make_config(s2d=False, steps=PRETRAIN_STEPS), f"{workdir}/pretrain")
-      init = pre["npz"]
-    else:
-      init = ""  # the config's model_init
-    print("fine-tuning starts from", init or base.model_init)
+      if PRETRAIN_STEPS:
+        pre = train.train(make_config(s2d=False, steps=PRETRAIN_STEPS), f"{workdir}/pretrain")
+        init = pre["npz"]
+    print("fine-tuning starts from", init or base.model_init or "a random init")
     '''),
     md("""
     ## Fine-tune twice

@@ -14,7 +14,8 @@ How a notebook is run here (offline, on CPU):
 * nbclient executes every cell top to bottom; any cell error fails the test,
   with the failing cell's source and traceback in the message.
 
-Budget: about 150 s for the three notebooks with ``pytest -n 2``.
+Budget: about 150 s for the three notebooks with ``pytest -n 2`` (fewer quant
+settings than the Colab defaults at tiny size: every setting is one more pmap compile).
 """
 
 from __future__ import annotations
@@ -49,10 +50,14 @@ TINY = {
         CHECKPOINT="", WORKDIR="{tmp}/work", DATA_DIR="{tmp}/tfds", DATASET_CONFIG="tiny",
         TINY_IMAGE=dict(TINY_VIT, pool_type="map"),
         TINY_TEXT=dict(width=16, depth=1, mlp_dim=32, num_heads=2, vocab_size=32),
-        NUM_PROBE_TRAIN=32, PROBE_STEPS=5, EVAL_BATCH=16, MAX_EVAL_BATCHES=2),
+        NUM_PROBE_TRAIN=32, PROBE_STEPS=5, EVAL_BATCH=16, MAX_EVAL_BATCHES=2,
+        SETTINGS=["float", "W8A8", "W4A4"]),
     "03_finetune_with_s2d.ipynb": dict(
         SETUP="demo", DEMO_SIZE="tiny", DATA_DIR="{tmp}/tfds", WORKDIR="{tmp}/work",
-        PRETRAIN_STEPS=4, FINETUNE_STEPS=4, EVAL_MAX_BATCHES=2),
+        # No pre-training stage here (one trainer run less; the trainer's own tests
+        # cover npz export -> load_classifier): both runs start from a random init.
+        PRETRAIN_STEPS=0, FINETUNE_STEPS=4, EVAL_MAX_BATCHES=2,
+        CONFIG_OVERRIDES={"evaluate.settings": ("float", "W4A4")}),
 }
 
 
