@@ -1,4 +1,5 @@
-"""Plots of an evaluation report (matplotlib, Agg backend: no display needed).
+"""Plots of an evaluation report (matplotlib `Figure`s, no pyplot: no display needed,
+and importing this module leaves the caller's backend alone, e.g. inline in notebooks).
 
 * ``activations.png``: per layer (x: layers in forward order) max |x| (log
   scale) and kurtosis of every recorded tensor kind (matmul inputs, block
@@ -15,10 +16,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+from matplotlib.figure import Figure
 
 _LAYER = re.compile(r"encoderblock_(\d+)")
 
@@ -35,8 +33,8 @@ def _order(name: str) -> tuple:
 
 def plot_activations(layers: Mapping[str, Mapping[str, Any]], path: str) -> str:
   names = sorted(layers, key=_order)
-  fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.12 * len(names)), 7),
-                           sharex=True)
+  fig = Figure(figsize=(max(8, 0.12 * len(names)), 7))
+  axes = fig.subplots(2, 1, sharex=True)
   for kind, marker in (("input", "o"), ("output", "s")):
     idx = [i for i, n in enumerate(names) if n.endswith("/" + kind)]
     if not idx:
@@ -60,26 +58,26 @@ def plot_activations(layers: Mapping[str, Mapping[str, Any]], path: str) -> str:
                        fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
 def plot_sigma(weights: Mapping[str, Mapping[str, Any]], path: str) -> str:
   names = sorted(weights, key=_order)
-  fig, ax = plt.subplots(figsize=(max(8, 0.12 * len(names)), 4))
+  fig = Figure(figsize=(max(8, 0.12 * len(names)), 4))
+  ax = fig.subplots()
   ax.bar(range(len(names)), [weights[n]["sigma_max"] for n in names])
   ax.set_yscale("log")
   ax.set_ylabel("σ_max")
   ax.set_xlabel("kernel (forward order)")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
 def plot_accuracy(report: Mapping[str, Any], path: str) -> str:
   acc, settings = report["accuracy"], report["settings"]
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
   markers = {}
   for name, a in acc.items():
     s = settings[name]
@@ -98,7 +96,6 @@ def plot_accuracy(report: Mapping[str, Any], path: str) -> str:
   ax.set_ylabel("top-1 (%)")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
