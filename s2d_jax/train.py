@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from s2d_jax import checkpointing
@@ -505,7 +506,14 @@ def train(config: mlc.ConfigDict, workdir: str, *,
   # Existing checkpoints: compatible with this model? (before writing anything)
   ckpt_dir = checkpointing.checkpoint_dir(workdir)
   resume_step = None
-  if os.path.isdir(ckpt_dir):
+  has_ckpts = os.path.isdir(ckpt_dir)
+  if pcount > 1:
+    # Every process must take the same branch (orbax syncs inside both), and on a
+    # shared filesystem process 0 may already have created the directory by the time
+    # another process looks: use process 0's view. The broadcast is also a barrier,
+    # so nobody creates the directory before everyone has looked.
+    has_ckpts = bool(multihost_utils.broadcast_one_to_all(np.asarray(has_ckpts)))
+  if has_ckpts:
     ro = checkpointing.Checkpointer(workdir, create=False)
     resume_step = ro.latest_step()
     if resume_step is not None:
