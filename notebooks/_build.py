@@ -841,8 +841,8 @@ NB03 = [
     DEMO_SIZE = "default"  # demo config size: "default" or "tiny"
     DATA_DIR = "~/tensorflow_datasets"  # tfds data_dir (paper: holds a prepared imagenet2012)
     WORKDIR = "s2d_03"  # local directory or gs://bucket/path; one sub-directory per run
-    PRETRAIN_STEPS = 1500  # demo only: trains the starting checkpoint (0: fine-tune from random init)
-    FINETUNE_STEPS = 0  # 0 = the config's length (demo: 300 steps, paper: 10 epochs)
+    PRETRAIN_STEPS = 500  # demo only: trains the starting checkpoint (0: fine-tune from random init)
+    FINETUNE_STEPS = 0  # 0 = the config's length (demo: 200 steps, paper: 10 epochs)
     EVAL_MAX_BATCHES = None  # None = the whole evaluation split
     CONFIG_OVERRIDES = {{}}  # dotted config overrides, e.g. {{"lr": 1e-4, "s2d.strength": 1e-3}}
     '''),
