@@ -32,7 +32,12 @@ import jax.numpy as jnp
 
 CAPTURE_NAME = "matmul_input"
 _COLLECTION = "intermediates"
-_MATMUL_MODULES = (nn.Dense, nn.DenseGeneral, nn.Conv)
+
+
+def is_matmul(module: nn.Module) -> bool:
+  """Dense, DenseGeneral or (non-transposed) Conv: a layer with a matrix view."""
+  return (isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Conv))
+          and not isinstance(module, nn.ConvTranspose))
 
 
 def _dense_general_rows(module: nn.DenseGeneral, x: jax.Array) -> jax.Array:
@@ -103,7 +108,7 @@ def matmul_rows(module: nn.Module, x: jax.Array) -> jax.Array | None:
     return x
   if isinstance(module, nn.DenseGeneral):
     return _dense_general_rows(module, x)
-  if isinstance(module, nn.Conv) and not isinstance(module, nn.ConvTranspose):
+  if is_matmul(module):  # the remaining matmul kind: Conv
     return _conv_rows(module, x)
   return None
 
@@ -182,7 +187,7 @@ def capture_matmul_inputs(
   def interceptor(next_fun, call_args, call_kwargs, context):
     module = context.module
     if (context.method_name == "__call__" and call_args
-        and isinstance(module, _MATMUL_MODULES)
+        and is_matmul(module)
         and (include is None or include(tuple(module.path)))):
       x_mat = matmul_rows(module, jnp.asarray(call_args[0]))
       if x_mat is not None:

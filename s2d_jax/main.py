@@ -178,59 +178,6 @@ def format_results(rows: dict[str, dict]) -> str:
   return '\n'.join(out)
 
 
-def save_plots(reports: dict[str, dict], rows: dict[str, dict], outdir: str) -> list:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  os.makedirs(outdir, exist_ok=True)
-  paths = []
-  fig, ax = plt.subplots(figsize=(6, 3.5))
-  w = 0.8 / max(len(rows), 1)
-  for i, (run, r) in enumerate(rows.items()):
-    ys = [100 * r.get(s, np.nan) for s in SETTINGS]
-    ax.bar(np.arange(len(SETTINGS)) + i * w, ys, w, label=run)
-  ax.set_xticks(np.arange(len(SETTINGS)) + w * (len(rows) - 1) / 2, SETTINGS)
-  ax.set_ylabel('top-1 accuracy (%)')
-  ax.set_title('PTQ accuracy after fine-tuning')
-  ax.legend()
-  fig.tight_layout()
-  paths.append(os.path.join(outdir, 'accuracy.png'))
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
-  for key, title, fname in (('max_abs', 'max |activation| per layer', 'max_act.png'),
-                            ('kurtosis', 'activation kurtosis per layer',
-                             'kurtosis.png')):
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    for run, rep in reports.items():
-      layers = rep.get('layers', {})
-      names = list(layers)
-      ax.plot(range(len(names)), [layers[n][key] for n in names], 'o-', label=run,
-              ms=3)
-    ax.set_yscale('log')
-    ax.set_xlabel('layer (module order)')
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    paths.append(os.path.join(outdir, fname))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-  fig, ax = plt.subplots(figsize=(8, 3.5))
-  for run, rep in reports.items():
-    ws = rep.get('weights', {})
-    names = list(ws)
-    ax.plot(range(len(names)), [ws[n]['sigma_max'] for n in names], 'o-', label=run,
-            ms=3)
-  ax.set_xlabel('kernel (module order)')
-  ax.set_title('σ_max per kernel')
-  ax.legend()
-  fig.tight_layout()
-  paths.append(os.path.join(outdir, 'sigma_max.png'))
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
-  return paths
-
-
 def run(workdir: str, size: str = 'default', pretrain_steps: int = 0,
         finetune_steps: int = 0, seed: int = 0, echo: bool = True) -> dict:
   """The whole job; returns {'rows', 'table', 'paths', 'wall_s'}."""
@@ -268,7 +215,9 @@ def run(workdir: str, size: str = 'default', pretrain_steps: int = 0,
 
   table = format_results(rows)
   wall = time.time() - t0
-  plot_paths = save_plots(reports, rows, os.path.join(workdir, 'plots'))
+  from s2d_jax import plots  # pylint: disable=g-import-not-at-top
+  plot_paths = plots.save_comparison(reports, rows, SETTINGS,
+                                     os.path.join(workdir, 'plots'))
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump({'rows': rows, 'wall_s': wall, 'size': size, 'seed': seed,
                'devices': jax.device_count()}, f, indent=1)

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from s2d_jax import capture
 from s2d_jax import spectral
 
 COLLECTION = "intermediates"
@@ -208,10 +209,6 @@ def finalize_reduced(stats):
 
 # ------------------------------------------------------------ model capture --
 
-def _is_matmul(module) -> bool:
-  if isinstance(module, nn.ConvTranspose):
-    return False
-  return isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Conv))
 
 
 def stats_apply(apply_fn: Callable, *, output_patterns: Sequence[str] =
@@ -250,7 +247,7 @@ def stats_apply(apply_fn: Callable, *, output_patterns: Sequence[str] =
       path = "/".join(mod.path)
       if include is not None and not include(path):
         return next_fun(*a, **kw)
-      if _is_matmul(mod) and a:
+      if capture.is_matmul(mod) and a:
         record(mod, "input", jnp.asarray(a[0]))
       out = next_fun(*a, **kw)
       if any(p.search(path) for p in pats):

@@ -109,3 +109,59 @@ def save_all(report: Mapping[str, Any], outdir: str) -> list[str]:
   if report.get("weights"):
     out.append(plot_sigma(report["weights"], os.path.join(outdir, "sigma_max.png")))
   return out
+
+
+def _per_layer_lines(series: Mapping[str, Mapping[str, float]], *, title: str,
+                     xlabel: str, path: str, log: bool) -> str:
+  """One line per run over its entries in stored order (`{run: {name: value}}`)."""
+  fig = Figure(figsize=(8, 3.5))
+  ax = fig.subplots()
+  for run, values in series.items():
+    ax.plot(range(len(values)), list(values.values()), "o-", label=run, ms=3)
+  if log:
+    ax.set_yscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  return path
+
+
+def save_comparison(reports: Mapping[str, Mapping[str, Any]],
+                    accuracy: Mapping[str, Mapping[str, float]],
+                    settings: tuple[str, ...], outdir: str) -> list[str]:
+  """Side-by-side plots of several runs' reports (e.g. AdamW vs AdamW+S2D).
+
+  `accuracy[run][setting]` is a top-1 fraction. Writes `accuracy.png` (grouped
+  bars per setting), `max_act.png`, `kurtosis.png` (per layer) and `sigma_max.png`
+  (per kernel); returns the paths.
+  """
+  os.makedirs(outdir, exist_ok=True)
+  fig = Figure(figsize=(6, 3.5))
+  ax = fig.subplots()
+  width = 0.8 / max(len(accuracy), 1)
+  xs = list(range(len(settings)))
+  for i, (run, acc) in enumerate(accuracy.items()):
+    ax.bar([x + i * width for x in xs],
+           [100 * acc.get(s, float("nan")) for s in settings], width, label=run)
+  ax.set_xticks([x + width * (len(accuracy) - 1) / 2 for x in xs], settings)
+  ax.set_ylabel("top-1 accuracy (%)")
+  ax.set_title("PTQ accuracy after fine-tuning")
+  ax.legend()
+  fig.tight_layout()
+  paths = [os.path.join(outdir, "accuracy.png")]
+  fig.savefig(paths[0], dpi=120)
+  for key, title, fname in (("max_abs", "max |activation| per layer", "max_act.png"),
+                            ("kurtosis", "activation kurtosis per layer",
+                             "kurtosis.png")):
+    series = {run: {n: v[key] for n, v in rep.get("layers", {}).items()}
+              for run, rep in reports.items()}
+    paths.append(_per_layer_lines(series, title=title, xlabel="layer (module order)",
+                                  path=os.path.join(outdir, fname), log=True))
+  series = {run: {n: v["sigma_max"] for n, v in rep.get("weights", {}).items()}
+            for run, rep in reports.items()}
+  paths.append(_per_layer_lines(series, title="σ_max per kernel",
+                                xlabel="kernel (module order)",
+                                path=os.path.join(outdir, "sigma_max.png"), log=False))
+  return paths
