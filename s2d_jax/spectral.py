@@ -359,6 +359,31 @@ def select_kernels(params: Any, mask: Any = None,
   return out
 
 
+def kernel_mask(params: Any, exclude: Sequence[str] = (),
+                views: ViewsArg = None) -> Any:
+  """Boolean tree like ``params``: True on the kernels :func:`select_kernels` picks.
+
+  The one definition of "a kernel" shared by the trainer's weight-decay mask, the
+  S2D mask, σ logging and the PCDR capture: a floating-point leaf named
+  ``kernel`` with a matrix view, whose ``'/'``-joined path matches none of the
+  ``exclude`` regexes (``re.search``). Works on abstract trees
+  (``jax.ShapeDtypeStruct`` leaves).
+
+  Raises:
+    ValueError: an ``exclude`` entry is not a valid regex (naming it).
+  """
+  pats = []
+  for e in exclude:
+    try:
+      pats.append(re.compile(e))
+    except re.error as err:
+      raise ValueError(f"exclude pattern {e!r} is not a valid regex: {err}") from None
+  chosen = {name for name in select_kernels(params, views=views)
+            if not any(p.search(name) for p in pats)}
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, _: path_str(path_tuple(kp)) in chosen, params)
+
+
 # ----------------------------------------------------------------------------
 # Subspace iteration.
 # ----------------------------------------------------------------------------

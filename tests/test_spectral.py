@@ -250,3 +250,27 @@ def test_init_basis_deterministic_and_path_keys():
   assert a.dtype == jnp.float32 and a.shape == (3, 2, 6)
   np.testing.assert_allclose(np.einsum("lkq,ljq->lkj", a, a), np.broadcast_to(np.eye(2), (3, 2, 2)),
                              atol=1e-6)
+
+
+def test_kernel_mask_selects_kernels_and_honours_exclude():
+  params = {
+      "Transformer": {"encoderblock": {
+          "MlpBlock_0": {"Dense_0": {"kernel": jnp.zeros((2, 4, 8)),
+                                     "bias": jnp.zeros((2, 8))}},
+          "LayerNorm_0": {"scale": jnp.zeros((2, 4))}}},
+      "embedding": {"kernel": jnp.zeros((2, 2, 3, 4)), "bias": jnp.zeros((4,))},
+      "head": {"kernel": jax.ShapeDtypeStruct((4, 3), jnp.float32)},
+      "pos_embedding": jnp.zeros((1, 4, 4)),
+      "ids": {"kernel": jnp.zeros((4, 3), jnp.int32)},
+  }
+  m = spectral.kernel_mask(params)
+  assert m["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"] == {
+      "kernel": True, "bias": False}
+  assert m["embedding"] == {"kernel": True, "bias": False}
+  assert m["head"]["kernel"] is True and m["pos_embedding"] is False
+  assert m["ids"]["kernel"] is False  # integer leaves are not kernels
+  m = spectral.kernel_mask(params, exclude=(r"^head/", "embedding"))
+  assert m["head"]["kernel"] is False and m["embedding"]["kernel"] is False
+  assert m["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"] is True
+  with pytest.raises(ValueError, match=r"'\('"):
+    spectral.kernel_mask(params, exclude=("(",))
