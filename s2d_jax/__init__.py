@@ -19,7 +19,7 @@ from s2d_jax.optim import sigma_estimates
 __version__ = "0.1.0"
 
 _SUBMODULES = ("spectral", "optim", "pcdr", "capture", "quant", "quant_model",
-               "outliers", "evaluate", "plots", "train", "checkpointing",
+               "outliers", "ptq", "evaluate", "plots", "train", "checkpointing",
                "config_utils", "metrics", "models", "data")
 
 
