@@ -19,6 +19,12 @@ residual stream) we keep, over the real (unmasked) examples only:
   when ``amax > 100`` and the ratio ``≥ 1000`` (Sun et al., 2024).
 * per-channel (last axis) ``min`` and ``max`` → ranges ``r_c = max_c - min_c``,
   their spread ``max_c r_c / median_c r_c`` and the top channels.
+* ``nonfinite``: the number of NaN / ±Inf elements. Every other statistic is
+  over the *finite* elements only (``n`` counts them), so one NaN does not turn
+  the whole layer's max, moments and histogram into NaN; :func:`summary` puts
+  ``nonfinite`` (a flag) and ``nonfinite_count`` next to them, and ``massive``
+  is then judged on the finite values (check the flag first: a layer with
+  non-finite activations is broken whatever ``massive`` says).
 
 Merging is exact: counts, histograms and token sums add; ``amax``/``min``/
 ``max`` take max/min; moments use the shift formulas (Chan et al. 1979, Pébay
@@ -80,6 +86,7 @@ class ActStats(NamedTuple):
   hist: Any         # (NUM_BINS,) int counts of |x|
   ch_min: Any       # (channels,)
   ch_max: Any       # (channels,)
+  nonfinite: Any    # int: NaN / ±Inf elements (not in any field above)
 
 
 def _bin_index(absx):
@@ -92,7 +99,8 @@ def _bin_index(absx):
 def act_stats(x: jax.Array, mask: jax.Array | None = None) -> ActStats:
   """Statistics of ``x (B, ..., C)`` over the examples with ``mask[b] = 1``.
 
-  ``mask`` is ``(B,)`` (1 = real example) or None (all real).
+  ``mask`` is ``(B,)`` (1 = real example) or None (all real). Non-finite
+  elements are counted in ``nonfinite`` and left out of every other field.
   """
   x = x.astype(jnp.float32)
   if x.ndim == 0:
@@ -109,9 +117,13 @@ def act_stats(x: jax.Array, mask: jax.Array | None = None) -> ActStats:
                        f"axis of an activation of shape {x.shape}")
     w = jnp.broadcast_to(mask.astype(jnp.float32).reshape(
         (-1,) + (1,) * (x.ndim - 2)), x.shape[:-1])
-  we = w[..., None]  # per element weight
+  fin = jnp.isfinite(x)
+  real = jnp.broadcast_to(w[..., None] > 0, x.shape)
+  nonfinite = jnp.sum(real & ~fin, dtype=jnp.int32)
+  x = jnp.where(fin, x, 0.0)   # no NaN * 0 below
+  we = w[..., None] * fin      # per element weight: real and finite
   tokens = jnp.sum(w).astype(jnp.int32)
-  n = tokens * c
+  n = jnp.sum(we > 0, dtype=jnp.int32)
   nf = jnp.maximum(n.astype(jnp.float32), 1.0)
   mean = jnp.sum(x * we) / nf
   mean = mean + jnp.sum((x - mean) * we) / nf  # second pass: float32-accurate
@@ -119,17 +131,18 @@ def act_stats(x: jax.Array, mask: jax.Array | None = None) -> ActStats:
   d2 = d * d
   m2, m3, m4 = jnp.sum(d2), jnp.sum(d2 * d), jnp.sum(d2 * d2)
   absx = jnp.abs(x)
-  tok_inf = jnp.max(absx, axis=-1)
+  tok_inf = jnp.max(absx, axis=-1)  # non-finite entries were set to 0
   hist = jnp.zeros((NUM_BINS,), jnp.int32).at[_bin_index(absx).reshape(-1)].add(
-      jnp.broadcast_to(we, x.shape).astype(jnp.int32).reshape(-1))
+      (we > 0).astype(jnp.int32).reshape(-1))
   flat = x.reshape(-1, c)
-  fw = w.reshape(-1, 1) > 0
+  fw = (we > 0).reshape(-1, c)
   return ActStats(
       n=n, mean=mean, m2=m2, m3=m3, m4=m4,
       amax=jnp.max(jnp.where(we > 0, absx, 0.0)),
       tokens=tokens, tok_inf_sum=jnp.sum(tok_inf * w), hist=hist,
       ch_min=jnp.min(jnp.where(fw, flat, jnp.inf), axis=0),
-      ch_max=jnp.max(jnp.where(fw, flat, -jnp.inf), axis=0))
+      ch_max=jnp.max(jnp.where(fw, flat, -jnp.inf), axis=0),
+      nonfinite=nonfinite)
 
 
 def _shift(n, mean, m2, m3, m4, mu):
@@ -152,7 +165,8 @@ def _merge_two(a: ActStats, b: ActStats, xp=jnp) -> ActStats:
       n=n, mean=mu, m2=sa[0] + sb[0], m3=sa[1] + sb[1], m4=sa[2] + sb[2],
       amax=xp.maximum(a.amax, b.amax), tokens=a.tokens + b.tokens,
       tok_inf_sum=a.tok_inf_sum + b.tok_inf_sum, hist=a.hist + b.hist,
-      ch_min=xp.minimum(a.ch_min, b.ch_min), ch_max=xp.maximum(a.ch_max, b.ch_max))
+      ch_min=xp.minimum(a.ch_min, b.ch_min), ch_max=xp.maximum(a.ch_max, b.ch_max),
+      nonfinite=a.nonfinite + b.nonfinite)
 
 
 def _is_stats(x) -> bool:
@@ -168,7 +182,7 @@ def merge_stats(a, b):
 
 
 def _to_host(s: ActStats) -> ActStats:
-  ints = ("n", "tokens", "hist")
+  ints = ("n", "tokens", "hist", "nonfinite")
   return ActStats(**{k: np.asarray(v, np.int64 if k in ints else np.float64)
                      for k, v in s._asdict().items()})
 
@@ -178,7 +192,7 @@ def reduce_stats(stats, axis_name):
 
   Float fields are reduced with collectives (moments: psum of the shifted sums
   about the global mean; amax/channel extremes: pmax/pmin). The integer
-  counts (``n``, ``tokens``, ``hist``) are ``all_gather``-ed instead of
+  counts (``n``, ``tokens``, ``hist``, ``nonfinite``) are ``all_gather``-ed instead of
   psum-ed, because a global count can overflow int32 (x64 is off); they come
   back with a leading device axis that :func:`finalize_reduced` sums in int64
   on the host.
@@ -195,7 +209,8 @@ def reduce_stats(stats, axis_name):
         tokens=lax.all_gather(s.tokens, axis_name),
         tok_inf_sum=lax.psum(s.tok_inf_sum, axis_name),
         hist=lax.all_gather(s.hist, axis_name), ch_min=lax.pmin(s.ch_min, axis_name),
-        ch_max=lax.pmax(s.ch_max, axis_name))
+        ch_max=lax.pmax(s.ch_max, axis_name),
+        nonfinite=lax.all_gather(s.nonfinite, axis_name))
   return jax.tree.map(one, stats, is_leaf=_is_stats)
 
 
@@ -203,7 +218,8 @@ def finalize_reduced(stats):
   """Host side of :func:`reduce_stats` (one device's copy): int64 device sums."""
   def one(s: ActStats) -> ActStats:
     s = _to_host(s)
-    return s._replace(n=s.n.sum(0), tokens=s.tokens.sum(0), hist=s.hist.sum(0))
+    return s._replace(n=s.n.sum(0), tokens=s.tokens.sum(0), hist=s.hist.sum(0),
+                      nonfinite=s.nonfinite.sum(0))
   return jax.tree.map(one, stats, is_leaf=_is_stats)
 
 
@@ -298,7 +314,12 @@ def hist_median(hist) -> float:
 
 
 def summary(s: ActStats) -> dict[str, Any]:
-  """Plain-float summary of one tensor's stats (no layer axes)."""
+  """Plain-float summary of one tensor's stats (no layer axes).
+
+  ``count`` and every statistic are over the finite values; ``nonfinite_count``
+  is the number of NaN / ±Inf values and ``nonfinite`` flags a layer that has
+  any (its ``massive`` verdict then speaks for the finite values only).
+  """
   s = _to_host(s)
   n = int(s.n)
   m2 = float(s.m2)
@@ -318,7 +339,8 @@ def summary(s: ActStats) -> dict[str, Any]:
       massive=bool(amax > MASSIVE_AMAX and ratio >= MASSIVE_RATIO),
       channel_range_spread=float(rng.max()) / rmed if rmed > 0 else float("inf"),
       top_channels=[int(i) for i in top],
-      top_channel_ranges=[float(rng[i]) for i in top])
+      top_channel_ranges=[float(rng[i]) for i in top],
+      nonfinite=bool(s.nonfinite > 0), nonfinite_count=int(s.nonfinite))
 
 
 def _layer_name(path: tuple[str, ...], idx: tuple[int, ...]) -> str:

@@ -7,7 +7,6 @@ import pytest
 
 from s2d_jax import capture
 from s2d_jax import outliers as ol
-from s2d_jax import pcdr
 from s2d_jax.models import vit
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4, patch_size=(8, 8),
@@ -96,6 +95,30 @@ def test_median_massive_and_summary():
     ol.act_stats(jnp.asarray(x), jnp.ones(3))
 
 
+def np_pcdr(x, w, k_max, top_fraction=1e-3):
+  """PCDR_k of pcdr.py's docstring in float64: X (tokens, rows) in matrix-view
+  rows, W reshaped to (rows, cols); the ceil(top_fraction·T·cols) largest |A|."""
+  x = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
+  w = np.asarray(w, np.float64).reshape(x.shape[1], -1)
+  a = x @ w
+  n_top = max(1, int(np.ceil(top_fraction * a.size)))
+  idx = np.argsort(-np.abs(a).ravel(), kind="stable")[:n_top]
+  j, c = np.divmod(idx, a.shape[1])
+  u, s, vt = np.linalg.svd(w, full_matrices=False)
+  r = min(k_max, s.size)
+  comp = (x[j] @ u[:, :r]) * s[:r] * vt[:r, c].T          # (n_top, r)
+  partial = np.abs(np.cumsum(comp, axis=1)).sum(0) / np.abs(a.ravel()[idx]).sum()
+  return np.concatenate([partial, np.full(k_max - r, partial[-1])])
+
+
+def _kernels_and_inputs(params, inputs, path=()):
+  for k, v in inputs.items():
+    if isinstance(v, dict):
+      yield from _kernels_and_inputs(params[k], v, path + (k,))
+    else:
+      yield path + (k,), np.asarray(params[k]), np.asarray(v)
+
+
 @pytest.fixture(scope="module")
 def tiny():
   model = vit.Model(10, scan=False, **TINY)
@@ -170,8 +193,10 @@ def test_weight_spectrum_and_pcdr(tiny):
     np.testing.assert_allclose(sspec[key]["top_sigma"], spec[key]["top_sigma"],
                                rtol=1e-5)
   pc = ol.pcdr_stats(params, inputs, 3)
-  name = "Transformer/encoderblock_0/MlpBlock_0/Dense_0"
-  xin = inputs["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
-  w = params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
-  np.testing.assert_allclose(pc[name], pcdr.pcdr(xin, w, 3), rtol=1e-6)
-  assert len(pc[name]) == 3 and len(pc["head"]) == 3
+  # every kernel (patch embedding conv, q/k/v/out, MLP, head) vs numpy
+  kernels = {"/".join(p[:-1]): (w, x) for p, w, x in _kernels_and_inputs(
+      params, inputs)}
+  assert set(pc) == set(kernels) and len(pc) == 2 * 6 + 2
+  for name, (w, xin) in kernels.items():
+    np.testing.assert_allclose(pc[name], np_pcdr(xin, w, 3), rtol=1e-4, atol=1e-6,
+                               err_msg=name)

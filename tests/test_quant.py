@@ -85,27 +85,110 @@ def test_clipping_and_zero_group():
   np.testing.assert_array_equal(dyn[1], 0.0)
 
 
-def test_bf16_dtype_kept():
-  x = jnp.linspace(-1, 1, 9, dtype=jnp.bfloat16)
-  assert q.fake_quant(x, 4).dtype == jnp.bfloat16
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bf16_is_float32_math_rounded_once(bits):
+  """bf16 in: the grid is computed in float32 and the result rounded once to
+  bf16, so it equals bf16(x̂_f32) exactly and is within bf16's unit roundoff
+  2^-8 (8-bit significand, round to nearest) of x̂_f32 -- a tolerance from
+  bf16's precision, not from the measured error."""
+  x = jnp.asarray(np.random.RandomState(bits).randn(4, 64), jnp.bfloat16)
+  got = q.fake_quant(x, bits, axis=0)
+  assert got.dtype == jnp.bfloat16
+  want = q.fake_quant(x.astype(jnp.float32), bits, axis=0)
+  np.testing.assert_array_equal(got, want.astype(jnp.bfloat16))
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert np.all(np.abs(got - want) <= 2.0 ** -8 * np.abs(want))
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_ste_gradients(symmetric):
-  x = jnp.array([-3.0, -0.7, 0.1, 0.6, 3.0])
-  rng = (-1.0, 1.0)
-  f = lambda x: jnp.sum(q.fake_quant(x, 4, qrange=rng, symmetric=symmetric, ste=True))
-  g = jax.grad(f)(x)
-  np.testing.assert_array_equal(g, [0.0, 1.0, 1.0, 1.0, 0.0])
-  f_id = lambda x: jnp.sum(q.fake_quant_ste(x, 4, qrange=rng, ste_clipped=False))
-  np.testing.assert_array_equal(jax.grad(f_id)(x), np.ones(5))
-  # forward value identical to the plain quantizer
+# qrange (-0.5, A) is not symmetric: the symmetric grid clips to [-A, A], the
+# asymmetric one to [-0.5, A]. A = 1.57: at 3 bits the grid's own end point
+# s·q_max = fl(fl(A/3)·3) lies one ulp above A, so clipping at the grid instead
+# of the range is caught.
+_A = np.float32(1.57)
+_up, _down = (lambda v: np.nextafter(np.float32(v), np.float32(np.inf)),
+              lambda v: np.nextafter(np.float32(v), np.float32(-np.inf)))
+# x: both clipping ends exactly, one float32 ulp inside/outside each end, and
+# values well inside / outside.
+_STE_X = np.array([-3.0, -_A, _down(-_A), _up(-_A), -0.5, _down(-0.5), -0.3, 0.0,
+                   0.7, 1.5, _down(_A), _A, _up(_A), 5.0], np.float32)
+
+
+@pytest.mark.parametrize("symmetric,lo_clip", [(True, -_A), (False, np.float32(-0.5))])
+@pytest.mark.parametrize("bits", [3, 8])
+def test_ste_gradient_is_exactly_the_clipped_identity(symmetric, lo_clip, bits):
+  """vjp with a random cotangent c: d x̂ / dx = c on [lo, hi] (ends included),
+  0 outside, element by element, exactly; forward = the plain quantizer."""
+  x = jnp.asarray(_STE_X)
+  c = np.random.RandomState(bits).randn(x.size).astype(np.float32)
+  rng = (-0.5, float(_A))
+  fq = lambda x: q.fake_quant(x, bits, qrange=rng, symmetric=symmetric, ste=True)
+  y, vjp = jax.vjp(fq, x)
   np.testing.assert_array_equal(
-      q.fake_quant(x, 4, qrange=rng, symmetric=symmetric, ste=True),
-      q.fake_quant(x, 4, qrange=rng, symmetric=symmetric))
+      y, q.fake_quant(x, bits, qrange=rng, symmetric=symmetric))
+  inside = (_STE_X >= lo_clip) & (_STE_X <= _A)
+  np.testing.assert_array_equal(vjp(jnp.asarray(c))[0], np.where(inside, c, 0.0))
+  # per-group ranges: each group clips to its own range
+  x2 = jnp.stack([x, 0.5 * x])
+  rng2 = (np.array([[-0.5], [-0.25]], np.float32), np.array([[_A], [_A / 2]]))
+  _, vjp2 = jax.vjp(lambda x: q.fake_quant(x, bits, axis=0, qrange=rng2,
+                                           symmetric=symmetric, ste=True), x2)
+  c2 = np.stack([c, -c])
+  np.testing.assert_array_equal(vjp2(jnp.asarray(c2))[0],
+                                np.where(np.stack([inside, inside]), c2, 0.0))
+  # ste_clipped=False: the identity everywhere
+  _, vjp_id = jax.vjp(lambda x: q.fake_quant_ste(
+      x, bits, qrange=rng, symmetric=symmetric, ste_clipped=False), x)
+  np.testing.assert_array_equal(vjp_id(jnp.asarray(c))[0], c)
+  # dynamic ranges contain every value: the identity
+  _, vjp_dyn = jax.vjp(lambda x: q.fake_quant_ste(x, bits, symmetric=symmetric), x)
+  np.testing.assert_array_equal(vjp_dyn(jnp.asarray(c))[0], c)
   # without STE, rounding has zero gradient
-  f0 = lambda x: jnp.sum(q.fake_quant(x, 4, qrange=rng))
-  np.testing.assert_array_equal(jax.grad(f0)(x), np.zeros(5))
+  _, vjp0 = jax.vjp(lambda x: q.fake_quant(x, bits, qrange=rng), x)
+  np.testing.assert_array_equal(vjp0(jnp.asarray(c))[0], np.zeros(x.size))
+
+
+def test_input_validation_names_the_argument():
+  x = jnp.ones((2, 3))
+  for bad_x in (jnp.arange(6).reshape(2, 3), np.ones((2, 3), np.int8),
+                jnp.ones((2, 3), bool)):
+    with pytest.raises(ValueError, match=r"fake_quant needs a floating-point array, "
+                       r"got dtype (int|bool)"):
+      q.fake_quant(bad_x, 4)
+  with pytest.raises(ValueError, match="calibrate needs a floating-point"):
+    q.calibrate(jnp.arange(4), 4, "minmax")
+  # numpy integers are integers; bools are not bit widths
+  for b in (np.int64(4), np.int32(4), np.uint8(4)):
+    np.testing.assert_array_equal(q.fake_quant(x * 0.3, b), q.fake_quant(x * 0.3, 4))
+  s = q.get_setting("W4A4", a_bits=np.int64(6))
+  assert s.a_bits == 6 and type(s.a_bits) is int
+  assert s == q.QuantSetting("W4A4", 4, 6)
+  for bad in (True, np.bool_(True), 4.0, "4", None):
+    with pytest.raises(ValueError, match="bits must be a static integer"):
+      q.fake_quant(x, bad)
+  with pytest.raises(ValueError, match=r"QuantSetting.w_bits must be a static"):
+    q.get_setting("W4A4", w_bits=True)
+  with pytest.raises(ValueError, match=r"bits must be in \[2, 16\], got 17"):
+    q.fake_quant(x, np.int64(17))
+  with pytest.raises(ValueError, match="bits must be a static integer"):
+    jax.jit(lambda x, b: q.fake_quant(x, b))(x, 4)  # traced bits
+  with pytest.raises(ValueError, match="qrange must be a pair"):
+    q.fake_quant(x, 4, qrange=1.0)
+  with pytest.raises(ValueError, match="grid must be an integer >= 1"):
+    q.mse_range(x, 4, grid=2.5)
+  with pytest.raises(ValueError, match="QuantSetting.percentile"):
+    q.get_setting("W4A4-static-percentile", percentile=0.0)
+  with pytest.raises(ValueError, match="QuantSetting.mse_grid"):
+    q.get_setting("W4A4-static-mse", mse_grid=0)
+
+
+@pytest.mark.parametrize("suffix", ["mse", "percentile", "minmax"])
+def test_calibrator_suffix_without_static_says_how(suffix):
+  with pytest.raises(ValueError, match=f"needs '-static' before it: "
+                     f"'W4A4-static-{suffix}'"):
+    q.get_setting(f"W4A4-{suffix}")
+  with pytest.raises(ValueError, match="needs '-static' before it"):
+    q.get_setting(f"W4A4-{suffix}-static")
+  assert q.get_setting(f"W4A4-static-{suffix}").calibrator == suffix
 
 
 def test_errors():

@@ -13,6 +13,15 @@ Position embeddings are resampled as big_vision's `vit.resample_posemb`: the
 (1, g*g, D) table is viewed as a g x g grid and zoomed by g'/g with
 `scipy.ndimage.zoom(order=1)`, i.e. bilinear interpolation in which the corner
 tokens map onto the corner tokens: new[i] = old(i * (g-1)/(g'-1)).
+
+Non-finite parameters (NaN / ±Inf) are refused on load by default: one NaN in
+an init checkpoint makes every training step NaN and every evaluation a
+plausible-looking constant guess. `load_params(path)` raises `CheckpointError`
+naming each such key with its NaN / Inf counts; `allow_nonfinite=True` loads
+the file anyway and issues a `NonFiniteWarning` with the same list (for
+inspecting a broken checkpoint). `save` writes non-finite params (they may be
+what you want to inspect) but warns the same way. `nonfinite_params` /
+`check_finite` do the check on any tree.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import warnings
 import zipfile
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -37,6 +47,10 @@ _BLOCK_RE = re.compile(r"encoderblock_(\d+)")
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be read or does not match the model."""
+
+
+class NonFiniteWarning(UserWarning):
+  """Parameters with NaN / Inf values were loaded or saved."""
 
 
 # ----------------------------------------------------------------------------------
@@ -101,6 +115,58 @@ def check_float(a: Any, name: str) -> None:
     raise CheckpointError(
         f"{name!r} has dtype {dt}; parameters must be floating point "
         f"(float16, bfloat16, float32, float64)")
+
+
+# ----------------------------------------------------------------------------------
+# Non-finite values.
+
+
+def nonfinite_params(params: Mapping[str, Any]) -> dict[str, tuple[int, int, int]]:
+  """{'a/b/c': (num_nan, num_inf, size)} for every leaf holding a NaN or ±Inf.
+
+  Leaves of any float dtype (bfloat16 included); one host pass per leaf, and
+  the counting only for leaves that fail the fast `isfinite(...).all()` test.
+  """
+  return _count_nonfinite(flatten(params))
+
+
+def _count_nonfinite(flat: Mapping[str, Any]) -> dict[str, tuple[int, int, int]]:
+  out = {}
+  for name, v in flat.items():
+    a = np.asarray(jax.device_get(v))
+    if a.dtype not in FLOAT_DTYPES:  # other dtypes cannot hold NaN / Inf here
+      continue
+    if a.size and not np.isfinite(a).all():
+      out[name] = (int(np.isnan(a).sum()), int(np.isinf(a).sum()), int(a.size))
+  return out
+
+
+def describe_nonfinite(bad: Mapping[str, tuple[int, int, int]], limit: int = 10) -> str:
+  """'k1 (2 NaN, 0 Inf of 64 values), ...' for `nonfinite_params`' result."""
+  items = [f"{k} ({n} NaN, {i} Inf of {size} values)"
+           for k, (n, i, size) in sorted(bad.items())]
+  more = f", and {len(items) - limit} more" if len(items) > limit else ""
+  return ", ".join(items[:limit]) + more
+
+
+def check_finite(params: Mapping[str, Any], *, allow: bool = False,
+                 where: str = "params") -> dict[str, tuple[int, int, int]]:
+  """Raises CheckpointError (or warns, with `allow=True`) if any leaf is non-finite.
+
+  Returns `nonfinite_params(params)` (empty when all leaves are finite). The
+  message names `where` and every bad key with its NaN / Inf counts. A single
+  array is accepted too (it is named `where`).
+  """
+  bad = (nonfinite_params(params) if isinstance(params, Mapping)
+         else _count_nonfinite({where: params}))
+  if bad:
+    msg = (f"{where}: {len(bad)} parameter(s) hold non-finite values: "
+           f"{describe_nonfinite(bad)}")
+    if not allow:
+      raise CheckpointError(msg + ". Training or evaluating from them gives NaN; "
+                            "pass allow_nonfinite=True to load them anyway.")
+    warnings.warn(msg, NonFiniteWarning, stacklevel=3)
+  return bad
 
 
 # ----------------------------------------------------------------------------------
@@ -206,11 +272,14 @@ def strip_prefix(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return dict(flat)
 
 
-def load_params(path: str) -> Params:
+def load_params(path: str, *, allow_nonfinite: bool = False) -> Params:
   """big_vision's `utils.load_params` for npz: nested params, prefix removed.
 
   A suffix ':sub/tree' selects a subtree, e.g. 'ckpt.npz:img' (the image tower).
-  Every leaf is checked to be floating point (the error names the key).
+  Every leaf is checked to be floating point (the error names the key) and
+  finite: a NaN / Inf leaf of the selected (sub)tree raises CheckpointError
+  naming the keys and counts, unless `allow_nonfinite=True` (then a
+  `NonFiniteWarning` says the same).
   """
   key = None
   if m := re.fullmatch(r"(.*?\.npz)(?::([\w/\-]+))?", path):
@@ -225,6 +294,8 @@ def load_params(path: str) -> Params:
         raise CheckpointError(f"{path}: no subtree {key!r} (top-level keys: "
                               f"{sorted(unflatten(flat))})")
       params = params[part]
+  check_finite(params, allow=allow_nonfinite,
+               where=f"{path}:{key}" if key else path)
   return params
 
 
@@ -239,8 +310,14 @@ def save(path: str, params: Mapping[str, Any], prefix: str = "params/") -> None:
 
   The file is written to `path + '.tmp'` and renamed, so a crash never leaves a
   half-written checkpoint under `path` (local paths; gs:// writes are atomic).
+  Non-finite leaves are written, with a `NonFiniteWarning` naming them.
   """
   flat = {prefix + k: _to_numpy(v, k) for k, v in flatten(params).items()}
+  bad = _count_nonfinite({k[len(prefix):]: v for k, v in flat.items()})
+  if bad:
+    warnings.warn(f"{path}: writing {len(bad)} parameter(s) with non-finite "
+                  f"values: {describe_nonfinite(bad)}", NonFiniteWarning,
+                  stacklevel=2)
   flat = {k: (v.view("V2") if v.dtype == ml_dtypes.bfloat16 else v)
           for k, v in flat.items()}
   buf = io.BytesIO()
