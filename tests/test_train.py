@@ -11,6 +11,9 @@ import pytest
 from s2d_jax import checkpointing
 from s2d_jax import config_utils as cu
 from s2d_jax import metrics
+from s2d_jax import parallel
+from s2d_jax import spectral
+from s2d_jax import tasks
 from s2d_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,7 +127,7 @@ def test_resume_after_crash_is_exact(data_dir, tmp_path):
 def test_model_init_from_big_vision_npz(data_dir, tmp_path):
   from s2d_jax.models import siglip
   c = _config(data_dir, total_steps=1, lr=1e-9)
-  model = train.build_model(c)
+  model = tasks.get(c).build(c)
   p = model.init(jax.random.PRNGKey(7), np.zeros((1, 16, 16, 3), np.float32))['params']
   p = jax.tree.map(lambda x: np.asarray(x) + 0.01, p)
   npz = str(tmp_path / 'init.npz')
@@ -170,32 +173,32 @@ def test_startup_errors_write_nothing(data_dir, tmp_path):
 
 
 def test_fsdp_spec_and_mesh():
-  assert train.fsdp_spec((8, 6), 2) == jax.sharding.PartitionSpec('fsdp', None) or \
-      train.fsdp_spec((8, 6), 2) == jax.sharding.PartitionSpec(None, 'fsdp')
-  assert train.fsdp_spec((8, 6), 4) == jax.sharding.PartitionSpec('fsdp', None)
-  assert train.fsdp_spec((3, 5), 2) == jax.sharding.PartitionSpec()
-  assert train.fsdp_spec((), 2) == jax.sharding.PartitionSpec()
-  m = train.make_mesh(2)
+  assert parallel.fsdp_spec((8, 6), 2) == jax.sharding.PartitionSpec('fsdp', None)
+  assert parallel.fsdp_spec((6, 8), 2) == jax.sharding.PartitionSpec(None, 'fsdp')
+  assert parallel.fsdp_spec((8, 6), 4) == jax.sharding.PartitionSpec('fsdp', None)
+  assert parallel.fsdp_spec((3, 5), 2) == jax.sharding.PartitionSpec()
+  assert parallel.fsdp_spec((), 2) == jax.sharding.PartitionSpec()
+  m = parallel.make_mesh(2)
   assert dict(m.shape) == {'data': jax.device_count() // 2, 'fsdp': 2}
   with pytest.raises(ValueError, match='mesh.fsdp=3'):
-    train.make_mesh(3)
+    parallel.make_mesh(3)
 
 
 def test_weight_decay_mask_and_losses():
   p = {'Dense_0': {'kernel': np.zeros((2, 3)), 'bias': np.zeros(3)},
        'LayerNorm_0': {'scale': np.zeros(3)}, 'pos_embedding': np.zeros((1, 4, 3))}
-  m = train.weight_decay_mask(p)
+  m = spectral.kernel_mask(p)
   assert m == {'Dense_0': {'kernel': True, 'bias': False},
                'LayerNorm_0': {'scale': False}, 'pos_embedding': False}
   logits = np.array([[2.0, 0.0, -1.0]], np.float32)
   lab = np.array([0])
   ls = np.log(np.exp(logits).sum())
-  np.testing.assert_allclose(train.softmax_xent(logits, lab, 3), ls - 2.0, rtol=1e-6)
+  np.testing.assert_allclose(tasks.softmax_xent(logits, lab, 3), ls - 2.0, rtol=1e-6)
   y = np.array([[1., 0., 0.]])
   ref = -np.sum(y * np.log(1 / (1 + np.exp(-logits))) +
                 (1 - y) * np.log(1 / (1 + np.exp(logits))))
-  np.testing.assert_allclose(train.sigmoid_xent(logits, lab, 3), ref, rtol=1e-6)
+  np.testing.assert_allclose(tasks.sigmoid_xent(logits, lab, 3), ref, rtol=1e-6)
   sm = 0.1
   ysm = np.array([[1 - sm + sm / 3, sm / 3, sm / 3]])
   ref2 = -np.sum(ysm * (logits - ls))
-  np.testing.assert_allclose(train.softmax_xent(logits, lab, 3, sm), ref2, rtol=1e-6)
+  np.testing.assert_allclose(tasks.softmax_xent(logits, lab, 3, sm), ref2, rtol=1e-6)
