@@ -172,6 +172,8 @@ def validate_settings(settings, where: str = 'config.evaluate.settings') -> list
   for n in settings:
     if n is None or n == 'float':
       s, key = None, 'float'
+    elif isinstance(n, ptq.PTQSetting):
+      s, key = n, n.name
     else:
       try:
         s = ptq.parse_name(n) if ptq.is_ptq_name(n) else quant.get_setting(n)

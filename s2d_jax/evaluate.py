@@ -407,7 +407,8 @@ def _abstract_params(config, task, model, image_shape):
   if "labels" in task.inputs:
     tok = dict(config.evaluate.get("tokenizer") or {})
     args.append(jax.ShapeDtypeStruct((1, int(tok.get("max_len", 64))), jnp.int32))
-  return jax.eval_shape(lambda r: model.init(r, *args), jax.random.PRNGKey(0))["params"]
+  return jax.eval_shape(lambda r, *a: model.init(r, *a), jax.random.PRNGKey(0),
+                        *args)["params"]
 
 
 def load_model(config, workdir: str | None, mesh, image_shape, params=None):
