@@ -44,6 +44,7 @@ embeddings come from the float text tower). The report's fields are documented i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
 import time
@@ -354,11 +355,11 @@ def evaluate_model(apply_fn: Callable, variables: Mapping[str, Any],
   if collect_stats and stats is not None:
     rep["layers"] = outliers.summarize(stats)
   if (weight_stats or pcdr_examples) and "params" in variables:
-    host_view = _replicated(variables, mesh)
+    repl = _replicated(variables, mesh)
     if weight_stats:
-      rep["weights"] = outliers.weight_spectrum(host_view["params"])
+      rep["weights"] = outliers.weight_spectrum(parallel.local_copy(repl["params"]))
     if pcdr_examples:
-      rep["pcdr"] = _pcdr_report(apply_fn, host_view, buffered[0][1],
+      rep["pcdr"] = _pcdr_report(apply_fn, repl, buffered[0][1],
                                  min(pcdr_examples, first_count or 0), mesh)
   return rep
 
@@ -388,14 +389,14 @@ def _pcdr_report(apply_fn, variables, g, n: int, mesh):
   if n <= 0:
     return {}
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh))
   def inputs_fn(v, images, mask):
     idx = jnp.argsort(mask <= 0, stable=True)[:n]     # real rows first, in order
     x = jax.lax.with_sharding_constraint(images[idx], parallel.replicated(mesh))
     return capture.capture_matmul_inputs(apply_fn, v, x)[1]
 
   inputs = inputs_fn(dict(variables), g["image"], g["mask"])
-  return outliers.pcdr_stats(variables["params"], inputs, 3)
+  return outliers.pcdr_stats(*parallel.local_copy((variables["params"], inputs)), 3)
 
 
 # ---------------------------------------------------------------- config side --

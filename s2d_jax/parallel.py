@@ -103,3 +103,17 @@ def put_leaf(x, sharding):
     return x if x.sharding == sharding else jax.device_put(x, sharding)
   x = np.asarray(x)
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def local_copy(tree):
+  """Fully replicated global arrays -> this process's copy on its first device.
+
+  For host-side work on replicated values (PCDR selection, report statistics): the
+  eager ops then run on one local device, not as programs over every process's
+  devices. Other leaves are returned unchanged.
+  """
+  def one(x):
+    if isinstance(x, jax.Array) and x.sharding.is_fully_replicated:
+      return x.addressable_data(0)
+    return x
+  return jax.tree.map(one, tree)

@@ -198,7 +198,8 @@ def _make_pcdr_refresh(config, model, mesh, opt_sh):
 
   capture runs as one jitted program on `pcdr_batch` images (replicated); the PCDR
   of each kernel is its own small jitted program (pcdr.select_active called outside
-  jit, on replicated params) and set_active replaces values only, so nothing
+  jit, on each process's local copy of the replicated params and inputs) and
+  set_active replaces values only, so nothing
   recompiles after the first refresh. (A single fused capture+PCDR program was seen
   to deadlock XLA:CPU.)
   """
@@ -220,7 +221,9 @@ def _make_pcdr_refresh(config, model, mesh, opt_sh):
 
   def refresh(params, opt_state, images):
     inputs, full = jax.block_until_ready(capture_fn(params, images))
-    p = full if sharded else params
+    # Replicated values: every process selects on its own first device (the same
+    # deterministic programs, no cross-process work).
+    p, inputs = parallel.local_copy((full if sharded else params, inputs))
     active = pcdr.select_active(p, inputs, k_max=int(config.s2d.k_max),
                                 tau=float(config.s2d.tau),
                                 mask=spectral.kernel_mask(p, exclude))

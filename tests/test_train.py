@@ -202,3 +202,75 @@ def test_weight_decay_mask_and_losses():
   ysm = np.array([[1 - sm + sm / 3, sm / 3, sm / 3]])
   ref2 = -np.sum(ysm * (logits - ls))
   np.testing.assert_allclose(tasks.softmax_xent(logits, lab, 3, sm), ref2, rtol=1e-6)
+
+
+def test_train_step_is_one_exact_optimizer_step():
+  """Module-level train_step on a linear model with SGD: the update, loss and
+  grad_norm are the closed forms."""
+  import jax.numpy as jnp
+  import optax
+  w = np.array([[1.0, -2.0], [0.5, 3.0]], np.float32)
+  x = np.array([[1.0, 2.0], [-1.0, 0.5], [0.0, 1.0]], np.float32)
+  t = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, -1.0]], np.float32)
+
+  def apply_fn(variables, xb, train, rngs):
+    assert train and 'dropout' in rngs
+    return (xb @ variables['params']['kernel'],)
+
+  def loss_fn(out, batch):
+    return jnp.mean((out[0] - batch['target']) ** 2), {'acc': jnp.float32(0.5)}
+
+  lr = 0.1
+  params, opt, m = jax.jit(lambda p, o, b, s: train.train_step(
+      p, o, b, s, apply_fn=apply_fn, loss_fn=loss_fn, inputs=('image',),
+      tx=optax.sgd(lr), rng=jax.random.PRNGKey(0)))(
+          {'kernel': w}, optax.sgd(lr).init({'kernel': w}),
+          {'image': x, 'target': t}, jnp.int32(3))
+  r = x @ w - t
+  grad = 2 * x.T @ r / r.size
+  np.testing.assert_allclose(m['loss'], np.mean(r ** 2), rtol=1e-6)
+  np.testing.assert_allclose(m['grad_norm'], np.linalg.norm(grad), rtol=1e-6)
+  np.testing.assert_allclose(params['kernel'], w - lr * grad, rtol=1e-6)
+  assert float(m['acc']) == 0.5
+
+
+def test_chrono_steps_per_second_and_eta():
+  times = iter([0.0, 10.0, 12.0, 16.0])
+  c = metrics.Chrono(total_steps=100, clock=lambda: next(times))   # t=0
+  c.start(1)                                  # t=10: step 1 done (compile excluded)
+  assert c.report(5) == {'steps_per_sec': 2.0, 'eta_s': 95 / 2.0}   # t=12
+  r = c.report(9)                                                    # t=16
+  assert r['steps_per_sec'] == 1.0 and r['eta_s'] == 91 / (8 / 6)
+  line = metrics.format_line({'step': 9, 'total_steps': 100, 'loss': 0.5,
+                              'eta_s': 3725.0})
+  assert line == 'step 9/100 | loss 0.5000 | ETA 1h02m05s'
+
+
+def test_metric_writer_writes_tensorboard_events(tmp_path):
+  import tensorflow as tf
+  w = metrics.MetricWriter(str(tmp_path / 'm.jsonl'), stream=None,
+                           tb_dir=str(tmp_path / 'tb'))
+  w.write(3, {'loss': 1.5, 'note': [1, 2]})
+  w.write(4, {'loss': 0.25})
+  w.close()
+  got = []
+  for f in os.listdir(tmp_path / 'tb'):
+    for e in tf.compat.v1.train.summary_iterator(str(tmp_path / 'tb' / f)):
+      for v in e.summary.value:
+        if v.tag == 'loss':
+          got.append((e.step, float(tf.make_ndarray(v.tensor))))
+  assert got == [(3, 1.5), (4, 0.25)]
+  assert [r['loss'] for r in metrics.read_metrics(str(tmp_path / 'm.jsonl'))] == [1.5, 0.25]
+
+
+def test_export_npz_equals_the_params(tmp_path):
+  mesh = parallel.make_mesh(2)
+  p = {'a': {'kernel': np.arange(24, dtype=np.float32).reshape(4, 6)},
+       'b': np.float32(3.0) * np.ones((3,), np.float32)}
+  g = parallel.put(p, parallel.tree_shardings(p, mesh))
+  assert not g['a']['kernel'].sharding.is_fully_replicated
+  path = train.export_npz(g, str(tmp_path / 'p.npz'))
+  z = np.load(path)
+  assert sorted(z.files) == ['params/a/kernel', 'params/b']
+  np.testing.assert_array_equal(z['params/a/kernel'], p['a']['kernel'])
+  np.testing.assert_array_equal(z['params/b'], p['b'])
