@@ -20,7 +20,7 @@ def test_main_job_tiny_end_to_end(tmp_path):
   assert list(rows) == ['AdamW', 'AdamW+S2D']
   for run, sub in (('AdamW', 'adamw'), ('AdamW+S2D', 's2d')):
     rep = json.load(open(os.path.join(wd, sub, 'report.json')))
-    assert list(rep['accuracy']) == ['float', 'W8A8', 'W6A6', 'W4A4']
+    assert set(rep['accuracy']) == {'float', 'W8A8', 'W6A6', 'W4A4'}
     for s in rep['accuracy']:
       assert rows[run][s] == rep['accuracy'][s]          # table = measured report
     assert report.summarize(rep, list(rep['accuracy'])) == {
