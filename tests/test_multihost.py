@@ -44,7 +44,7 @@ def _two_processes(module, args, cwd):
   outs = []
   try:
     for p in procs:
-      outs.append(p.communicate(timeout=300)[0])
+      outs.append(p.communicate(timeout=900)[0])
   finally:
     for p in procs:
       if p.poll() is None:
@@ -52,6 +52,14 @@ def _two_processes(module, args, cwd):
   for i, (p, out) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f'process {i} failed:\n{out[-4000:]}'
   return outs[0]
+
+
+def _close(a, b, msg, rtol=1e-5, atol=0.0):
+  """allclose for numbers; equality for what report.json stores as strings ('inf')."""
+  if isinstance(a, str) or isinstance(b, str):
+    assert a == b, msg
+  else:
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=msg)
 
 
 def _same_report(got, want, what):
@@ -64,15 +72,12 @@ def _same_report(got, want, what):
   assert got['layers'].keys() == want['layers'].keys(), what
   for k, s in want['layers'].items():
     for f in ('count', 'max_abs', 'kurtosis', 'median_abs', 'channel_range_spread'):
-      np.testing.assert_allclose(got['layers'][k][f], s[f], rtol=1e-5,
-                                 err_msg=f'{what}: {k} {f}')
+      _close(got['layers'][k][f], s[f], f'{what}: {k} {f}')
   for k, v in want['weights'].items():
-    np.testing.assert_allclose(got['weights'][k]['top_sigma'], v['top_sigma'],
-                               rtol=1e-5, err_msg=f'{what}: {k}')
+    _close(got['weights'][k]['top_sigma'], v['top_sigma'], f'{what}: {k}')
   assert got['pcdr'].keys() == want['pcdr'].keys()
   for k, v in want['pcdr'].items():
-    np.testing.assert_allclose(got['pcdr'][k], v, rtol=1e-4, atol=1e-6,
-                               err_msg=f'{what}: pcdr {k}')
+    _close(got['pcdr'][k], v, f'{what}: pcdr {k}', rtol=1e-4, atol=1e-6)
 
 
 def test_two_process_fsdp_s2d_training_export_and_evaluation(tmp_path):
