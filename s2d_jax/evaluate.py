@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -429,7 +430,6 @@ def load_model(config, workdir: str | None, mesh, image_shape, params=None):
   if not path:
     raise FileNotFoundError("no checkpoint: set config.evaluate.checkpoint or "
                             "--workdir")
-  import os  # pylint: disable=g-import-not-at-top
   if "://" not in path and not os.path.exists(path):
     where = "config.evaluate.checkpoint" if ev.get("checkpoint") else "--workdir"
     raise FileNotFoundError(f"checkpoint not found: {path!r} (from {where})")
@@ -461,7 +461,7 @@ def zeroshot_fns(model, class_emb) -> tuple[Callable, Callable]:
   return apply_fn, lambda out: zeroshot.zeroshot_logits(out[0], emb)
 
 
-def _predict_fns(config, model, params):
+def _predict_fns(config, model, params, mesh):
   """(apply_fn, output_fn) of the task's evaluation kind."""
   if config.evaluate.kind == "classification":
     return model.apply, (lambda out: out[0])
@@ -474,9 +474,8 @@ def _predict_fns(config, model, params):
     names = input_pipeline.get_info(ev.data.name, _data_dir(config)).features[
         "label"].names
   tok = tok_lib.Tokenizer(**dict(ev.get("tokenizer") or {}))
-  emb = zeroshot.class_embeddings(model, _replicated({"params": params},
-                                                     parallel.make_mesh())["params"],
-                                  tok, list(names), ev.get("templates"))
+  local = parallel.local_copy(_replicated({"params": params}, mesh))["params"]
+  emb = zeroshot.class_embeddings(model, local, tok, list(names), ev.get("templates"))
   return zeroshot_fns(model, emb)
 
 
@@ -519,7 +518,7 @@ def evaluate(config, workdir: str | None, *, params=None, mesh=None,
       process_count=pcount, data_dir=_data_dir(config))
   image_shape = tuple(ds.element_spec["image"].shape[1:])
   model, params, ckpt = load_model(config, workdir, mesh, image_shape, params)
-  apply_fn, output_fn = _predict_fns(config, model, params)
+  apply_fn, output_fn = _predict_fns(config, model, params, mesh)
   calib = None
   if any(isinstance(s, ptq.PTQSetting) for s in settings):
     calib = calibration_images(config, int(ev.calib_images))
