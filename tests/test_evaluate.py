@@ -71,7 +71,7 @@ def _reports(setup):
   return out
 
 
-def test_pmap_reports(setup, tmp_path):
+def test_reports_on_1_2_8_devices_and_fsdp(setup, tmp_path):
   """One fixture-free test (xdist would build a module fixture per worker)."""
   reports = _reports(setup)
   _same_numbers_on_1_2_8_devices(reports)
