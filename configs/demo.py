@@ -1,11 +1,12 @@
 r"""The main job's fine-tuning stage: a tiny ViT classifier on the embedded demo data.
 
 `python -m s2d_jax.main` pre-trains a tiny SigLIP-style model on `s2d_demo_shapes`
-(procedural shapes with captions, built offline into WORKDIR/tfds), exports it as a
-big_vision npz, and fine-tunes this config twice (s2d=False / s2d=True) from it. Run
-one stage by hand with
+(procedural shapes with captions, built offline into WORKDIR/tfds; config
+`demo_pretrain`), exports it as a big_vision npz, and fine-tunes this config twice
+(s2d=False / s2d=True) from it. Run one stage by hand (from any directory: the
+config is shipped with the package as `demo`) with
 
-  python -m s2d_jax.train --config configs/demo.py:s2d=True,init=WORKDIR/pretrain/params.npz,data_dir=WORKDIR/tfds \
+  python -m s2d_jax.train --config demo:s2d=True,init=WORKDIR/pretrain/params.npz,data_dir=WORKDIR/tfds \
       --workdir /tmp/demo_s2d
 
 Args: s2d (bool), size ('default' | 'tiny' for tests), init (npz; '' = from scratch),

@@ -431,7 +431,7 @@ NB01 = [
     bits), and record the largest input of every matmul with
     `s2d_jax.capture.capture_matmul_inputs`. Each evaluation function is compiled
     once and reused for the three models. (`02_outliers_and_ptq.ipynb` does the same
-    with the `pmap` evaluator over all devices.)
+    with the evaluator, one `jit` over all devices.)
     """),
     code('''
     from s2d_jax import capture, quant_model
@@ -523,7 +523,7 @@ NB02 = [
     2. **σ_max** — the largest singular value of every weight matrix;
     3. **PCDR** — how much of each layer's outlier outputs comes from its top
        singular components (this decides S2D's $k$ per layer);
-    4. **fake-quant accuracy** at W8A8 / W6A6 / W4A4, evaluated under `jax.pmap` on
+    4. **fake-quant accuracy** at W8A8 / W6A6 / W4A4, evaluated by one `jit` over
        all devices of the runtime (TPU cores, GPUs or CPU).
 
     Accuracy is that of a linear probe trained here on the frozen image tower, on the
@@ -664,27 +664,28 @@ NB02 = [
           f"{float(probe_losses[-1]):.3f}")
     '''),
     md("""
-    ## 3. Float and fake-quant evaluation under `pmap`
+    ## 3. Float and fake-quant evaluation on all devices
 
-    `s2d_jax.evaluate.evaluate_model` splits every batch over all local devices and
-    runs one `pmap`-ed step per setting: the float model (which also records per-layer
+    `s2d_jax.evaluate.evaluate_model` splits every batch over all devices and runs one
+    jitted step per setting: the float model (which also records per-layer
     activation statistics, merged exactly across devices and batches) and each fake-
     quant setting `W<w>A<a>` (per-output-channel weights, per-token dynamic activations,
     patch embedding and head at 8 bits; `quant.get_setting` lists the variants, e.g.
-    `"W4A4-static"` for per-tensor static activation ranges). It also returns σ of
-    every kernel and PCDR on a few examples.
+    `"W4A4-static"` for per-tensor static activation ranges; the paper's PTQ methods
+    are named `"RepQ-ViT/W4A4"` etc.). It also returns σ of every kernel and PCDR on a
+    few examples; `s2d_jax.report` formats it.
     """),
     code('''
-    from s2d_jax import evaluate
+    from s2d_jax import evaluate, report as report_lib
 
     report = evaluate.evaluate_model(
         clf.apply, {"params": clf_params},
         input_pipeline.iterate_eval(DATASET, "test", preprocess=PP, batch_size=eval_bs,
                                     data_dir=data_dir),
         settings=SETTINGS, max_batches=MAX_EVAL_BATCHES, pcdr_examples=8, progress=False)
-    print(f"pmap over {report['devices']['count']} {report['devices']['platform']} "
+    print(f"{report['devices']['count']} {report['devices']['platform']} "
           f"device(s), {report['batches']} batches of {report['batch_size']}")
-    print(evaluate.format_table(report))
+    print(report_lib.format_table(report))
     '''),
     md("""
     ## 4. Per-layer activation outliers
@@ -822,13 +823,13 @@ NB03 = [
     The paper's recipe with the project's trainer (`s2d_jax.train`) and configs:
     fine-tune the same starting checkpoint twice — **AdamW** (baseline) and
     **AdamW + S2D** — then evaluate both in float and fake-quantized at W8A8 / W6A6 /
-    W4A4 (`s2d_jax.evaluate`, `pmap` over all devices), and compare.
+    W4A4 (`s2d_jax.evaluate`, one `jit` over all devices), and compare.
 
-    * `SETUP = "demo"` (default, any Colab runtime, a few minutes): `configs/demo.py`, a
+    * `SETUP = "demo"` (default, any Colab runtime, a few minutes): the config `demo`, a
       small ViT on the offline demo dataset `s2d_demo_shapes`. The notebook first
       trains the starting checkpoint itself (from scratch, AdamW), exports it as a
       big_vision `.npz`, and fine-tunes both runs from it.
-    * `SETUP = "paper"` (TPU runtime): `configs/siglip2_b16_384_i1k.py`, the paper's main
+    * `SETUP = "paper"` (TPU runtime): the config `siglip2_b16_384_i1k`, the paper's main
       setup — SigLIP2-B/16 at 384 px from `gs://big_vision/siglip2/siglip2_b16_384.npz`,
       10 epochs of ImageNet-1k, global batch 512. It needs `imagenet2012` prepared in
       `DATA_DIR` (a manual download; tfds cannot fetch it) and, for the full 10
@@ -837,7 +838,7 @@ NB03 = [
     """),
     params(f'''
     {repo_url_line()}
-    SETUP = "demo"  # "demo" (configs/demo.py, any runtime) or "paper" (SigLIP2-B/16, TPU)
+    SETUP = "demo"  # "demo" (config demo, any runtime) or "paper" (SigLIP2-B/16, TPU)
     DEMO_SIZE = "default"  # demo config size: "default" or "tiny"
     DATA_DIR = "~/tensorflow_datasets"  # tfds data_dir (paper: holds a prepared imagenet2012)
     WORKDIR = "s2d_03"  # local directory or gs://bucket/path; one sub-directory per run
@@ -866,27 +867,16 @@ NB03 = [
     recompilation). The top singular triplets are tracked by power iteration inside the
     optimizer state.
 
-    The configs are the project's `configs/*.py` (big_vision style, `get_config(arg)`);
-    a pip-installed package does not ship them, so the next cell clones the repository
-    when it does not find them next to the package.
+    The configs are the project's `configs/*.py` (big_vision style, `get_config(arg)`),
+    installed with the package as `s2d_jax.configs`: `config_utils.load_config` finds
+    them by name (`"demo:s2d=True"`), or takes the path of your own copy.
     """),
     code('''
     import json
     import numpy as np
-    import s2d_jax
     from s2d_jax import config_utils
 
-    def find_config_dir():
-      here = os.path.join(os.path.dirname(os.path.dirname(s2d_jax.__file__)), "configs")
-      if os.path.isdir(here):
-        return here
-      clone = os.path.abspath("s2d_jax_src")
-      if not os.path.isdir(clone):
-        subprocess.run(["git", "clone", "-q", "--depth", "1", REPO_URL, clone], check=True)
-      return os.path.join(clone, "configs")
-
-    CONFIG_DIR = find_config_dir()
-    CONFIG_FILE = {"demo": "demo.py", "paper": "siglip2_b16_384_i1k.py"}[SETUP]
+    CONFIG_NAME = {"demo": "demo", "paper": "siglip2_b16_384_i1k"}[SETUP]  # shipped configs
     data_dir = os.path.expanduser(DATA_DIR)
     workdir = WORKDIR if "://" in WORKDIR else os.path.abspath(os.path.expanduser(WORKDIR))
 
@@ -898,7 +888,7 @@ NB03 = [
         arg += f",size={DEMO_SIZE},data_dir={data_dir},steps={int(steps)}"
       if init:
         arg += f",init={init}"
-      config = config_utils.load_config(f"{os.path.join(CONFIG_DIR, CONFIG_FILE)}:{arg}")
+      config = config_utils.load_config(f"{CONFIG_NAME}:{arg}")
       if SETUP == "paper":
         config.input.data_dir = config.evaluate.data_dir = data_dir
         if steps:
@@ -908,7 +898,7 @@ NB03 = [
 
 
     base = make_config(s2d=False)
-    print(f"{CONFIG_FILE}: model {dict(base.model)}, init {base.model_init or '(scratch)'}")
+    print(f"{CONFIG_NAME}: model {dict(base.model)}, init {base.model_init or '(scratch)'}")
     print(f"  data {base.input.data.name}[{base.input.data.split}], batch {base.input.batch_size}, "
           f"lr {base.lr}, wd {base.wd}")
     print(f"  S2D (when enabled): {json.dumps(make_config(s2d=True).s2d.to_dict())}")
@@ -955,15 +945,16 @@ NB03 = [
     ## Evaluate both
 
     `s2d_jax.evaluate.evaluate` runs the config's evaluation split in float and at every
-    setting of `config.evaluate.settings` under `pmap`, records per-layer activation
+    setting of `config.evaluate.settings` (one `jit` over all devices, on the params
+    where training left them), records per-layer activation
     statistics, σ of every kernel and PCDR, and writes `report.json` (plus plots) into
     each run's directory.
     """),
     code('''
-    from s2d_jax import evaluate
+    from s2d_jax import evaluate, report as report_lib
 
     reports = {run: evaluate.evaluate(configs[run], run_dir[run], params=results[run]["params"],
-                                      progress=False)
+                                      mesh=results[run]["mesh"], progress=False)
                for run in RUNS}
     '''),
     md("""
@@ -1043,7 +1034,7 @@ NB03 = [
 
     for run, rep in reports.items():
       print(f"{run}:")
-      print(evaluate.format_table(rep))
+      print(report_lib.format_table(rep))
     '''),
     md("""
     ## From here
@@ -1051,8 +1042,8 @@ NB03 = [
     * The same runs from a terminal (one line per run; `--config.x=v` overrides any key):
 
       ```
-      python -m s2d_jax.train --config configs/siglip2_b16_384_i1k.py:s2d=True --workdir gs://BUCKET/s2d
-      python -m s2d_jax.evaluate --config configs/siglip2_b16_384_i1k.py --workdir gs://BUCKET/s2d
+      python -m s2d_jax.train --config siglip2_b16_384_i1k:s2d=True --workdir gs://BUCKET/s2d
+      python -m s2d_jax.evaluate --config siglip2_b16_384_i1k --workdir gs://BUCKET/s2d
       ```
     * `02_outliers_and_ptq.ipynb` looks at one checkpoint's outliers, σ_max and PCDR in
       more detail.

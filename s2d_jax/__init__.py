@@ -3,9 +3,11 @@
     import optax, s2d_jax
     tx = optax.chain(s2d_jax.s2d(k=1), optax.adamw(1e-4, weight_decay=1e-4))
 
-Submodules (imported on first use, so `import s2d_jax` stays light):
-`spectral`, `optim`, `pcdr`, `capture`, `quant`, `quant_model`, `outliers`,
-`evaluate`, `train`, `models`, `data`.
+Submodules (imported on first use, so `import s2d_jax` stays light): the method
+(`spectral`, `optim`, `pcdr`), quantization and statistics (`capture`, `quant`,
+`quant_model`, `ptq`, `outliers`), models and data (`models`, `data`), and the
+orchestration (`config_utils` + `config_schema`, `tasks`, `parallel`, `train`,
+`checkpointing`, `metrics`, `evaluate`, `report`, `plots`; `python -m s2d_jax.main`).
 """
 
 from s2d_jax import _lazy
@@ -19,8 +21,9 @@ from s2d_jax.optim import sigma_estimates
 __version__ = "0.1.0"
 
 _SUBMODULES = ("spectral", "optim", "pcdr", "capture", "quant", "quant_model",
-               "outliers", "ptq", "evaluate", "plots", "train", "checkpointing",
-               "config_utils", "metrics", "models", "data")
+               "outliers", "ptq", "evaluate", "report", "plots", "train",
+               "checkpointing", "config_utils", "config_schema", "tasks", "parallel",
+               "metrics", "models", "data")
 
 
 __getattr__, __dir__ = _lazy.attach(__name__, _SUBMODULES, globals())

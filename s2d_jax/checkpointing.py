@@ -18,9 +18,11 @@ restore it is compared against the model being trained, and a checkpoint written
 different model raises a `ValueError` naming the first differing key and both shapes
 before anything is loaded.
 
-`restore_params(path, step=None)` returns only the params, as host numpy arrays, from a
-workdir, its `checkpoints` directory, or one step directory; evaluate.py uses it to
-evaluate a training run without importing the trainer.
+`restore_params(path, step=None, mesh=None)` returns only the params from a workdir,
+its `checkpoints` directory, or one step directory: as host numpy arrays, or with
+`mesh` as global arrays split over it by the FSDP rule (`s2d_jax.parallel`), each
+process reading only its own shards (multi-host evaluation of a sharded model without
+gathering it on a host); evaluate.py uses it without importing the trainer.
 """
 
 from __future__ import annotations
@@ -198,12 +200,13 @@ def _find_ckpt_root(path: str) -> tuple[str, int | None]:
       'directory, or a checkpoint step directory')
 
 
-def restore_params(workdir_or_dir: str, step: int | None = None) -> dict:
-  """Returns the params (nested dict of host numpy arrays) of a training checkpoint.
+def restore_params(workdir_or_dir: str, step: int | None = None, mesh=None) -> dict:
+  """Returns the params of a training checkpoint (host numpy, or global arrays).
 
   `workdir_or_dir` is a training workdir, its `checkpoints/` directory, or a step
   directory `checkpoints/<step>`; `step=None` takes the latest complete step (or the
-  step named by the directory).
+  step named by the directory). With `mesh` (a `parallel.make_mesh` mesh), the params
+  come back as global arrays sharded over it by `parallel.tree_shardings`.
   """
   root, dir_step = _find_ckpt_root(workdir_or_dir)
   if step is not None and dir_step is not None and int(step) != dir_step:
@@ -216,9 +219,17 @@ def restore_params(workdir_or_dir: str, step: int | None = None) -> dict:
     mngr = ckpt._mngr
     md = mngr.item_metadata(step)['params']
     tree = md.tree if hasattr(md, 'tree') else md
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if mesh is None:
+      dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      shardings = jax.tree.map(lambda m: dev, tree)
+    else:
+      from s2d_jax import parallel  # pylint: disable=g-import-not-at-top
+      shardings = parallel.tree_shardings(
+          jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree),
+          mesh)
     abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), tree)
+        lambda m, sh: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sh), tree,
+        shardings)
     out = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract)))['params']
   finally:
@@ -226,4 +237,4 @@ def restore_params(workdir_or_dir: str, step: int | None = None) -> dict:
   got = fingerprint(out)
   if fp:
     compare_fingerprints(fp, got, f'checkpoint {root}/{CKPT_SUBDIR}/{step}')
-  return jax.tree.map(np.asarray, out)
+  return out if mesh is not None else jax.tree.map(np.asarray, out)

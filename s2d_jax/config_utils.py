@@ -1,20 +1,24 @@
-"""big_vision-style config files: `--config file.py:key=value,...` and `--config.x=v`.
+"""big_vision-style config files and the command line of every entry point.
 
 A config file is a Python module with `get_config(arg=None) -> ml_collections.ConfigDict`.
-On the command line it is named as `FILE[:ARG]`; `ARG` is handed verbatim to
-`get_config`, which typically parses it with `parse_arg` below (big_vision's
-convention):
+On the command line it is named as `FILE[:ARG]`, where FILE is a path or the name of a
+config shipped with the package (`demo`, `siglip2_b16_384_i1k`, ...: the files of the
+repository's `configs/`, installed as `s2d_jax.configs`); `ARG` is handed verbatim to
+`get_config`, which typically parses it with `parse_arg` below (big_vision's convention):
 
     def get_config(arg=None):
       arg = parse_arg(arg, variant='B/16', s2d=False, res=(384, int))
       ...
 
-Dotted flag overrides `--config.lr=1e-4 --config.input.batch_size=32` are applied after
+Dotted overrides `--config.lr=1e-4 --config.input.batch_size=32` are applied after
 `get_config` by `apply_overrides`, with the value parsed to the type already in the
-config (int, float, bool, str, tuple/list via Python literals, None).
+config (int, float, bool, str, tuple/list via Python literals or `a,b`, None); an unknown
+key is an error naming it and its siblings.
 
-`parse_cli(argv)` splits an argv into (config, workdir, remaining args) for the
-trainer's and evaluator's entry points; every failure names the key or file at fault.
+Entry points (`s2d_jax.train`, `s2d_jax.evaluate`) read their flags with absl: `--config`
+is an `ml_collections.config_flags` config-file flag, `--help` lists every flag with an
+example (`parse_flags`). The config schema and its validation are in
+`s2d_jax.config_schema`; `default_train_config` is re-exported here for config files.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import sys
 from typing import Any, Iterable, Sequence
 
+from absl import flags
 import ml_collections as mlc
+from ml_collections import config_flags
 
 _TRUE = ('true', 'yes', '1', 'on')
 _FALSE = ('false', 'no', '0', 'off')
@@ -142,18 +149,78 @@ def parse_arg(arg: str | None, lazy: bool = False, **spec) -> mlc.ConfigDict:
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
-  """'configs/x.py:a=1,b=2' -> ('configs/x.py', 'a=1,b=2'); 'x.py' -> ('x.py', None)."""
+  """'configs/x.py:a=1,b=2' -> ('configs/x.py', 'a=1,b=2'); 'demo:s2d' -> ('demo', 's2d')."""
   if '.py:' in spec:
     path, arg = spec.split('.py:', 1)
     return path + '.py', arg
+  head, sep, arg = spec.partition(':')
+  if sep and head and '=' not in head and not head.endswith('.py'):
+    return head, arg
   return spec, None
 
 
-def load_config(spec: str) -> mlc.ConfigDict:
-  """Loads `FILE[:ARG]`: imports FILE and returns `get_config(ARG)` (or get_config())."""
+def shipped_config_dir() -> str:
+  """The directory of the configs shipped with the package.
+
+  Installed (`pip install .`): `site-packages/s2d_jax/configs`. From a source checkout
+  (the repository root on `sys.path`): the repository's top-level `configs/`.
+  """
+  here = os.path.dirname(os.path.abspath(__file__))
+  for d in (os.path.join(here, 'configs'), os.path.join(os.path.dirname(here), 'configs')):
+    if os.path.isfile(os.path.join(d, 'demo.py')):
+      return d
+  raise FileNotFoundError(f'no shipped configs next to {here} (broken install?)')
+
+
+def shipped_configs() -> list[str]:
+  """Names of the shipped configs (`--config NAME[:ARG]`)."""
+  d = shipped_config_dir()
+  return sorted(f[:-3] for f in os.listdir(d)
+                if f.endswith('.py') and not f.startswith('_'))
+
+
+def resolve_config_path(path: str) -> str:
+  """A config file path: `path` itself if it exists, else the shipped config of that name.
+
+  `demo`, `demo.py` and `configs/demo.py` (from any directory) name the shipped
+  `demo.py`. Raises FileNotFoundError naming `path` and the shipped names.
+  """
+  if os.path.isfile(path):
+    return path
+  name = os.path.basename(path)
+  name = name[:-3] if name.endswith('.py') else name
+  try:
+    cand = os.path.join(shipped_config_dir(), name + '.py')
+  except FileNotFoundError:
+    cand = None
+  if cand and os.path.isfile(cand) and os.path.basename(
+      os.path.dirname(path)) in ('', 'configs'):
+    return cand
+  try:
+    names = shipped_configs()
+  except FileNotFoundError:
+    names = []
+  raise FileNotFoundError(f'config file not found: {path!r} (neither a file nor a '
+                          f'shipped config; shipped: {names})')
+
+
+def resolve_config_spec(spec: str) -> str:
+  """`FILE[:ARG]` with FILE resolved by `resolve_config_path` (ARG unchanged)."""
   path, arg = split_spec(spec)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'config file not found: {path!r} (from --config {spec!r})')
+  path = resolve_config_path(path)
+  return path if arg is None else f'{path}:{arg}'
+
+
+def load_config(spec: str) -> mlc.ConfigDict:
+  """Loads `FILE[:ARG]`: imports FILE and returns `get_config(ARG)` (or get_config()).
+
+  FILE is a path or a shipped config name (see `resolve_config_path`).
+  """
+  path, arg = split_spec(spec)
+  try:
+    path = resolve_config_path(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'{e} (from --config {spec!r})') from None
   name = '_s2d_config_' + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(name, path)
   if module_spec is None or module_spec.loader is None:
@@ -240,126 +307,128 @@ def _split_kv(item: str) -> tuple[str, str]:
   return key, value
 
 
-def parse_cli(argv: Sequence[str], *, require_workdir: bool = True,
-              extra: Sequence[str] = ()) -> tuple[mlc.ConfigDict, str | None, dict]:
-  """Parses `--config FILE[:ARG] [--config.x=v ...] --workdir DIR [--extra=v]`.
-
-  Returns (config with overrides applied, workdir, {extra flag: value}). Accepts both
-  `--flag=value` and `--flag value`. Flags not in ('config', 'workdir', *extra) raise.
-  """
-  argv = list(argv)
-  spec = workdir = None
-  overrides: list[tuple[str, str]] = []
-  rest: dict[str, str] = {}
-  i = 0
-  while i < len(argv):
-    a = argv[i]
-    if not a.startswith('--'):
-      raise ValueError(f'unexpected positional argument {a!r}')
-    name, sep, value = a[2:].partition('=')
-    if not sep:
-      if i + 1 >= len(argv):
-        raise ValueError(f'flag --{name} needs a value')
-      value = argv[i + 1]
-      i += 1
-    i += 1
-    if name == 'config':
-      spec = value
-    elif name.startswith('config.'):
-      overrides.append((name[len('config.'):], value))
-    elif name == 'workdir':
-      workdir = value
-    elif name in extra:
-      rest[name] = value
-    else:
-      raise ValueError(
-          f'unknown flag --{name}; known: --config, --config.KEY, --workdir'
-          + ''.join(f', --{e}' for e in extra))
-  if spec is None:
-    raise ValueError('missing --config FILE[:ARGS]')
-  if require_workdir and not workdir:
-    raise ValueError('missing --workdir DIR')
-  config = load_config(spec)
-  apply_overrides(config, dict(overrides))
-  return config, workdir, rest
 
 
 def default_train_config() -> mlc.ConfigDict:
-  """The trainer's config schema with defaults (every key train.py reads).
+  """The trainer's config schema with defaults (see `s2d_jax.config_schema`)."""
+  from s2d_jax import config_schema  # pylint: disable=g-import-not-at-top
+  return config_schema.default_config()
 
-  Config files start from this and set what differs; `apply_overrides` refuses keys
-  that are not here, so a typo in `--config.x=` fails at start-up.
 
-    seed                      PRNG seed (init, dropout, data order)
-    model_name                'vit' (classifier) or 'two_towers' (SigLIP pre-training)
-    model                     kwargs of vit.Model / two_towers.Model (variant, pool_type,
-                              scan, ...)
-    num_classes               classifier head size (vit)
-    model_init                big_vision npz to start from ('' = random init)
-    model_load.dont_load      regexes of params not loaded (re-initialised), e.g. head
-    input.data.{name,split}   tfds dataset and split; input.data_dir: tfds data_dir
-    input.pp                  big_vision preprocessing string for training
-    input.batch_size          *global* batch size (split over processes and devices)
-    input.shuffle_buffer_size tf.data shuffle buffer per process
-    total_epochs|total_steps  training length (exactly one > 0)
-    lr, wd                    peak learning rate; AdamW decoupled weight decay
-                              (optax: update -= lr·wd·w, applied to kernels only)
-    warmup_steps|warmup_frac  linear warmup, then cosine decay to lr·min_lr_frac
-    b1, b2, eps               AdamW moments
-    grad_clip_norm            clip the task gradient to this global norm (0 = off)
-    loss                      'softmax_xent' or 'sigmoid_xent' (vit); sigmoid (towers)
-    label_smoothing           for softmax_xent
-    s2d.*                     S2D: enabled, strength λ, power n, k_max, tau, refresh_every
-                              m (PCDR), pcdr_batch (images used for PCDR), iters,
-                              decoupled, exclude (regexes of kernels left alone;
-                              default: the classifier head)
-    qat.*                     quantization-aware training: enabled, setting ('W4A4')
-    mesh.fsdp                 size of the 'fsdp' mesh axis (params/opt-state sharded
-                              over it); 1 = pure data parallel, -1 = all devices
-    log_every, ckpt_every, keep_ckpts, sigma_log_top (σ_max logged for this many of
-    the largest kernels), export_npz (write final params as big_vision npz)
-    evaluate.*                end-of-training PTQ evaluation (evaluate.py's schema)
+# ----------------------------------------------------------------------------------
+# Command line: absl flags + ml_collections.config_flags
+# ----------------------------------------------------------------------------------
+
+HELP_FLAGS = ('--help', '-h', '--helpshort', '--helpfull', '-?')
+
+
+class UsageError(ValueError):
+  """A bad command line; the message names the flag or config key at fault."""
+
+
+def define_flags(fv: flags.FlagValues, *, workdir_help: str,
+                 distributed: bool = True) -> None:
+  """--config (config_flags), --workdir and, optionally, the multi-process flags."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'Config FILE[:ARG]: a config file path or a shipped config name '
+      f'(e.g. demo:s2d=True); ARG goes to get_config. Override any key with '
+      '--config.KEY=VALUE (dotted, e.g. --config.input.batch_size=32).',
+      flag_values=fv, lock_config=False, sys_argv=[])
+  flags.DEFINE_string('workdir', None, workdir_help, flag_values=fv)
+  if distributed:
+    flags.DEFINE_string('coordinator_address', None, 'Multi-process runs: host:port of '
+                        'process 0 (jax.distributed.initialize).', flag_values=fv)
+    flags.DEFINE_integer('num_processes', None, 'Multi-process runs: number of '
+                         'processes.', flag_values=fv)
+    flags.DEFINE_integer('process_id', None, 'Multi-process runs: this process '
+                         '(0 .. num_processes-1).', flag_values=fv)
+    flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() with '
+                      'no arguments (TPU pods / SLURM auto-detection).', flag_values=fv)
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """Separates `--config.KEY=V` / `--config.KEY V` from the other arguments."""
+  rest, overrides = [], []
+  i = 0
+  while i < len(argv):
+    a = argv[i]
+    if a.startswith('--config.'):
+      key, sep, value = a[len('--config.'):].partition('=')
+      if not sep:
+        if i + 1 >= len(argv):
+          raise UsageError(f'flag --config.{key} needs a value')
+        value = argv[i + 1]
+        i += 1
+      overrides.append((key, value))
+    elif a.startswith('--config=') or a == '--config':
+      if a == '--config':
+        if i + 1 >= len(argv):
+          raise UsageError('flag --config needs a value: FILE[:ARG]')
+        spec = argv[i + 1]
+        i += 1
+      else:
+        spec = a[len('--config='):]
+      rest.append('--config=' + resolve_config_spec(spec))
+    else:
+      rest.append(a)
+    i += 1
+  return rest, overrides
+
+
+def parse_flags(fv: flags.FlagValues, argv: Sequence[str], *, usage: str,
+                require_workdir: bool = True) -> mlc.ConfigDict:
+  """Parses `argv` (no program name) into `fv`; returns the config with overrides.
+
+  `--help` prints `usage` and every flag of `fv`, then exits 0. Errors raise
+  `UsageError` (a ValueError) whose message names the flag or the config key
+  (unknown keys with their siblings, values that do not convert to the key's type);
+  a config file that does not exist raises FileNotFoundError naming it.
   """
-  c = mlc.ConfigDict()
-  c.seed = 0
-  c.model_name = 'vit'
-  c.model = mlc.ConfigDict(dict(variant='B/16', pool_type='map', scan=True))
-  c.num_classes = 1000
-  c.model_init = ''
-  c.model_load = mlc.ConfigDict(dict(dont_load=['head/.*']))
-  c.input = mlc.ConfigDict(dict(
-      data=dict(name='imagenet2012', split='train[:99%]'),
-      pp='decode|inception_crop(224)|flip_lr|value_range(-1,1)|keep("image","label")',
-      batch_size=512, shuffle_buffer_size=250_000, data_dir=None))
-  c.total_epochs = 0.0
-  c.total_steps = 0
-  c.lr = 3e-5
-  c.wd = 0.05
-  c.warmup_steps = 0
-  c.warmup_frac = 0.05
-  c.min_lr_frac = 0.0
-  c.b1 = 0.9
-  c.b2 = 0.999
-  c.eps = 1e-8
-  c.grad_clip_norm = 1.0
-  c.loss = 'softmax_xent'
-  c.label_smoothing = 0.0
-  c.s2d = mlc.ConfigDict(dict(
-      enabled=False, strength=5e-4, power=2.0, k_max=3, tau=0.95,
-      refresh_every=100, pcdr_batch=8, iters=1, decoupled=False,
-      exclude=('(^|/)head/',)))
-  c.qat = mlc.ConfigDict(dict(enabled=False, setting='W4A4'))
-  c.mesh = mlc.ConfigDict(dict(fsdp=1))
-  c.log_every = 50
-  c.ckpt_every = 1000
-  c.keep_ckpts = 3
-  c.sigma_log_top = 4
-  c.export_npz = True
-  c.evaluate = mlc.ConfigDict(dict(
-      enabled=True,
-      data=dict(name='imagenet2012', split='validation'),
-      pp='decode|resize_small(256)|central_crop(224)|value_range(-1,1)|keep("image","label")',
-      batch_size=256, kind='classification', data_dir=None,
-      settings=('float', 'W8A8', 'W6A6', 'W4A4'),
-      calib_batches=4, max_batches=None, checkpoint=''))
-  return c
+  argv = list(argv)
+  if any(a in HELP_FLAGS for a in argv):
+    print(usage.strip() + '\n\nflags:\n' + fv.get_help(include_special_flags=False))
+    raise SystemExit(0)
+  rest, overrides = _split_overrides(argv)
+  try:
+    fv(['s2d_jax'] + rest)
+  except flags.Error as e:
+    raise UsageError(f'{e} (run with --help for the flags)') from e
+  config = fv['config'].value
+  if config is None:
+    raise UsageError('missing --config FILE[:ARG] (run with --help for the flags)')
+  if require_workdir and not fv['workdir'].value:
+    raise UsageError('missing --workdir DIR (run with --help for the flags)')
+  try:
+    apply_overrides(config, dict(overrides))
+  except (KeyError, ValueError) as e:
+    raise UsageError(e.args[0] if e.args else str(e)) from e
+  return config
+
+
+def maybe_initialize_distributed(fv: flags.FlagValues) -> None:
+  """jax.distributed.initialize from --coordinator_address/--num_processes/
+  --process_id, or with no arguments (TPU pod auto-detection) for --distributed."""
+  import jax  # pylint: disable=g-import-not-at-top
+  names = ('coordinator_address', 'num_processes', 'process_id')
+  given = {k: fv[k].value for k in names if fv[k].value is not None}
+  if given:
+    missing = [k for k in names if k not in given]
+    if missing:
+      raise UsageError(f'multi-process run: missing --{", --".join(missing)}')
+    if int(given['num_processes']) > 1:
+      # CPU multi-process collectives; harmless on TPU/GPU.
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=given['coordinator_address'],
+                               num_processes=int(given['num_processes']),
+                               process_id=int(given['process_id']))
+  elif fv['distributed'].value:
+    jax.distributed.initialize()
+
+
+def run_cli(main_fn, argv: Sequence[str] | None = None):
+  """Runs `main_fn(argv)` as a program: a UsageError is one line on stderr, exit 2."""
+  try:
+    return main_fn(sys.argv[1:] if argv is None else argv)
+  except UsageError as e:
+    print(f'error: {e}', file=sys.stderr)
+    raise SystemExit(2) from None

@@ -1,10 +1,15 @@
-"""Metrics logging: one JSON object per line in WORKDIR/metrics.jsonl, plus a console line.
+"""Metrics logging: WORKDIR/metrics.jsonl, TensorBoard event files, a console line.
 
 Each record is `{"step": int, "time": seconds since start, **scalars}`; scalars are
 converted to Python floats/ints (numpy / jax scalars included). Only process 0
-writes (multi-host runs log once). The file is opened in append mode and flushed
-after every record, so a resumed run continues the same file and a crash loses
-nothing already logged.
+writes (multi-host runs log once). The JSONL file is opened in append mode and
+flushed after every record, so a resumed run continues the same file and a crash
+loses nothing already logged. The same scalars go to TensorBoard event files in
+`tb_dir` (`flax.metrics.tensorboard`; `tensorboard --logdir WORKDIR`).
+
+Progress (`Chrono`, as big_vision's chrono): steps/s since the previous log line and
+an ETA from the average rate since the first step of this (re)start, which is left
+out because it includes compilation.
 """
 
 from __future__ import annotations
@@ -33,23 +38,28 @@ def _to_py(v: Any):
 
 
 class MetricWriter:
-  """Writes metrics records to a JSONL file (process 0 only) and echoes to console.
+  """Writes metrics records to JSONL and TensorBoard (process 0 only), echoes a line.
 
   Args:
     path: JSONL file (parent directories are created).
     enabled: False on non-zero processes: nothing is written or printed.
     stream: where the console line goes (default stdout); None = silent console.
+    tb_dir: directory of the TensorBoard event files (None = no TensorBoard).
   """
 
-  def __init__(self, path: str, *, enabled: bool = True, stream=sys.stdout):
+  def __init__(self, path: str, *, enabled: bool = True, stream=sys.stdout,
+               tb_dir: str | None = None):
     self.path = path
     self.enabled = enabled
     self.stream = stream
     self._t0 = time.time()
-    self._f = None
+    self._f = self._tb = None
     if enabled:
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
       self._f = open(path, 'a', encoding='utf-8')
+      if tb_dir:
+        from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+        self._tb = tensorboard.SummaryWriter(tb_dir)
 
   def write(self, step: int, scalars: Mapping[str, Any], *, echo: bool = True) -> dict:
     record = {'step': int(step), 'time': round(time.time() - self._t0, 3)}
@@ -57,6 +67,11 @@ class MetricWriter:
     if self._f is not None:
       self._f.write(json.dumps(record) + '\n')
       self._f.flush()
+    if self._tb is not None:
+      for k, v in record.items():
+        if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.scalar(k, v, int(step))
+      self._tb.flush()
     if echo and self.enabled and self.stream is not None:
       self.stream.write(format_line(record) + '\n')
       self.stream.flush()
@@ -66,16 +81,57 @@ class MetricWriter:
     if self._f is not None:
       self._f.close()
       self._f = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+class Chrono:
+  """Training progress: steps/s and ETA (big_vision's chrono, simplified).
+
+  `start(step)` is called once the first step of this (re)start has finished (its
+  compile time is excluded); `report(step)` then returns
+
+      steps_per_sec = (step − previous step) / (now − previous time)
+      eta_s         = (total − step) · (now − t_start) / (step − start_step)
+
+  (`steps_per_sec` only before `start`). `clock` is injectable for tests.
+  """
+
+  def __init__(self, total_steps: int, clock=time.time):
+    self.total = int(total_steps)
+    self.clock = clock
+    self._t_start = self._step_start = None
+    self._t_prev = clock()
+    self._step_prev = None
+
+  def start(self, step: int) -> None:
+    self._t_start = self._t_prev = self.clock()
+    self._step_start = self._step_prev = int(step)
+
+  def report(self, step: int) -> dict:
+    now = self.clock()
+    out = {}
+    if self._step_prev is not None and step > self._step_prev:
+      out['steps_per_sec'] = (step - self._step_prev) / max(now - self._t_prev, 1e-9)
+    if self._step_start is not None and step > self._step_start:
+      rate = (step - self._step_start) / max(now - self._t_start, 1e-9)
+      out['eta_s'] = (self.total - step) / rate
+    self._t_prev, self._step_prev = now, int(step)
+    return out
 
 
 def format_line(record: Mapping[str, Any]) -> str:
   """'step 100 | loss 2.3012 | acc 0.1250 | lr 1.00e-04 | ...' (lists, dicts and
   per-item keys containing '/' are skipped)."""
-  parts = [f"step {record.get('step')}"]
+  total = record.get('total_steps')
+  parts = [f"step {record.get('step')}" + (f'/{total}' if total else '')]
   for k, v in record.items():
-    if k in ('step', 'time') or isinstance(v, (list, dict)) or '/' in k:
+    if k in ('step', 'time', 'total_steps') or isinstance(v, (list, dict)) or '/' in k:
       continue  # per-kernel entries ('sigma_max/<path>') only go to the file
-    if isinstance(v, float):
+    if k == 'eta_s':
+      parts.append(f'ETA {_duration(v)}')
+    elif isinstance(v, float):
       if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5) and math.isfinite(v):
         parts.append(f'{k} {v:.2e}')
       else:
@@ -83,6 +139,13 @@ def format_line(record: Mapping[str, Any]) -> str:
     else:
       parts.append(f'{k} {v}')
   return ' | '.join(parts)
+
+
+def _duration(seconds: float) -> str:
+  """'1h02m03s' / '2m05s' / '7s'."""
+  s = int(round(seconds))
+  h, m, s = s // 3600, s // 60 % 60, s % 60
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s' if m else f'{s}s'
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -1,11 +1,12 @@
-r"""Fine-tuning trainer: AdamW / AdamW + S2D / QAT, one CPU to a TPU pod.
+r"""The trainer: AdamW / AdamW + S2D / QAT, one CPU to a multi-host TPU pod.
 
-    python -m s2d_jax.train --config configs/siglip2_b16_384_i1k.py:s2d=True \
-        --workdir /tmp/run [--config.lr=1e-4 ...]
+    python -m s2d_jax.train --config siglip2_b16_384_i1k:s2d=True --workdir /tmp/run \
+        [--config.lr=1e-4 ...]   (--help lists every flag)
 
-One step (global batch B, params θ, jitted once; shardings fixed):
+One step (global batch B, params θ, jitted once; shardings fixed), `train_step`:
 
-    g      = ∇_θ L(θ; batch)                        L: softmax / sigmoid cross-entropy
+    g      = ∇_θ L(θ; batch)                        the task's loss (s2d_jax.tasks):
+                                                    softmax / sigmoid cross-entropy
                                                     (classifier) or SigLIP sigmoid loss
                                                     (two towers); through STE fake-quant
                                                     under QAT
@@ -14,41 +15,41 @@ One step (global batch B, params θ, jitted once; shardings fixed):
     θ      = AdamW(g; lr_t, wd · mask)              decoupled decay on kernels only
     lr_t   = lr · t / T_w (t < T_w),  then lr · (f + (1-f)·½(1 + cos(π (t-T_w)/(T-T_w))))
 
+Kernels (weight-decay mask, S2D mask, σ logging, PCDR) are `spectral.kernel_mask`'s.
 Every `s2d.refresh_every` steps (and at step 0) PCDR re-selects k_W ∈ [0, K_max] per
 kernel from the matmul inputs of `s2d.pcdr_batch` images of the current training batch
 (`capture_matmul_inputs` → `pcdr.select_active` → `optim.set_active`); the counts are
 values in the optimizer state, so the train step is never recompiled.
 
-Parallelism: a 2-D mesh ('data', 'fsdp') over all devices of all processes; the
-batch is split over both axes, params and optimizer state are replicated over 'data'
-and, with `mesh.fsdp > 1`, split along their largest dimension that the fsdp size
-divides (big_vision's FSDP rule). Multi-host: each process feeds its
-1/process_count of the batch (`jax.make_array_from_process_local_data`);
-`--num_processes/--process_id/--coordinator_address` (or `--distributed` on TPU pods)
-call `jax.distributed.initialize`.
+Parallelism (`s2d_jax.parallel`): a 2-D mesh ('data', 'fsdp') over all devices of all
+processes; the batch is split over both axes, params and optimizer state are
+replicated over 'data' and split over 'fsdp' (big_vision's FSDP rule). Each process
+feeds its 1/process_count of the batch; `--coordinator_address/--num_processes/
+--process_id` (or `--distributed` on TPU pods) call `jax.distributed.initialize`.
 
-Checkpoints (s2d_jax/checkpointing.py): params, optimizer state (S2D bases, active
-counts, Adam moments), step and data position every `ckpt_every` steps and at the end;
-a restarted run resumes from the latest and continues exactly (same data order, same
-dropout keys, same PCDR refresh steps). At the end the final params are exported as a
-big_vision npz (`WORKDIR/params.npz`) and evaluated (`WORKDIR/report.json`).
-
-Start-up checks (before anything is written): config keys and values, dataset
-present, batch divisible by devices, `model_init` / existing checkpoints compatible
-with the configured model.
+Phases of `train` (each in one place):
+1. `_startup`: every check before anything is written — config keys and values
+   (`config_schema.validate`), dataset present, batch divisible by devices, the init
+   npz read once and checked against the model, existing checkpoints compatible.
+2. `_restore_or_init`: resume from the latest checkpoint (params, optimizer state
+   incl. S2D bases, data position), or initialise (random, then `model_init`).
+3. the loop: one explicit `while`, logging (metrics.jsonl, TensorBoard, steps/s, ETA)
+   and checkpoints every `ckpt_every` steps and at the end; a restarted run continues
+   exactly (same data order, dropout keys and PCDR refresh steps).
+4. export: the final params as a big_vision npz (`WORKDIR/params.npz`, process 0).
+`train_and_evaluate` adds the evaluation (`s2d_jax.evaluate`, WORKDIR/report.json).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
 import math
 import os
-import re
 import sys
-import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Sequence
 
+from absl import flags
 import flax
 import jax
 import jax.numpy as jnp
@@ -56,139 +57,25 @@ import ml_collections as mlc
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from s2d_jax import capture
 from s2d_jax import checkpointing
+from s2d_jax import config_schema
 from s2d_jax import config_utils
 from s2d_jax import metrics as metrics_lib
-
-LOSSES = ('softmax_xent', 'sigmoid_xent')
-MODEL_NAMES = ('vit', 'two_towers')
-
-
-# ----------------------------------------------------------------------------------
-# Config validation
-# ----------------------------------------------------------------------------------
-
-def validate_config(config: mlc.ConfigDict) -> None:
-  """Raises ValueError naming the key for every inconsistent or out-of-range value."""
-  def need(cond, key, msg):
-    if not cond:
-      raise ValueError(f'config.{key}: {msg}')
-
-  known = set(config_utils.default_train_config().keys())
-  unknown = sorted(set(config.keys()) - known)
-  need(not unknown, unknown[0] if unknown else '', f'unknown top-level key(s) '
-       f'{unknown}; known: {sorted(known)}')
-  need(config.model_name in MODEL_NAMES, 'model_name',
-       f'{config.model_name!r} is not one of {MODEL_NAMES}')
-  if config.model_name == 'vit':
-    need(int(config.num_classes) > 0, 'num_classes', 'must be > 0 for a classifier')
-    need(config.loss in LOSSES, 'loss', f'{config.loss!r} is not one of {LOSSES}')
-  steps, epochs = int(config.get('total_steps') or 0), float(
-      config.get('total_epochs') or 0)
-  need((steps > 0) != (epochs > 0), 'total_steps',
-       f'set exactly one of total_steps ({steps}) / total_epochs ({epochs}) > 0')
-  need(config.lr > 0, 'lr', f'must be > 0, got {config.lr}')
-  need(config.wd >= 0, 'wd', f'must be >= 0, got {config.wd}')
-  need(0 <= config.warmup_frac < 1, 'warmup_frac', 'must be in [0, 1)')
-  need(config.warmup_steps >= 0, 'warmup_steps', 'must be >= 0')
-  need(0 <= config.min_lr_frac <= 1, 'min_lr_frac', 'must be in [0, 1]')
-  need(config.grad_clip_norm >= 0, 'grad_clip_norm', 'must be >= 0 (0 = off)')
-  need(int(config.input.batch_size) > 0, 'input.batch_size', 'must be > 0')
-  need(config.log_every > 0, 'log_every', 'must be > 0')
-  need(config.ckpt_every >= 0, 'ckpt_every', 'must be >= 0 (0 = only at the end)')
-  need(config.keep_ckpts >= 1, 'keep_ckpts', 'must be >= 1')
-  need(int(config.mesh.fsdp) == -1 or int(config.mesh.fsdp) >= 1, 'mesh.fsdp',
-       f'must be >= 1 or -1 (all devices), got {config.mesh.fsdp}')
-  s = config.s2d
-  if s.enabled:
-    need(s.strength >= 0, 's2d.strength', 'must be >= 0')
-    need(s.power > 0, 's2d.power', 'must be > 0')
-    need(int(s.k_max) >= 1, 's2d.k_max', 'must be >= 1')
-    need(0 < s.tau <= 1, 's2d.tau', 'must be in (0, 1]')
-    need(int(s.refresh_every) >= 0, 's2d.refresh_every',
-         'must be >= 0 (0 = select once at the start)')
-    need(int(s.pcdr_batch) >= 1, 's2d.pcdr_batch', 'must be >= 1')
-  if config.qat.enabled:
-    need(config.model_name == 'vit', 'qat.enabled', 'QAT is implemented for the vit '
-         'classifier only')
-    from s2d_jax import quant  # pylint: disable=g-import-not-at-top
-    try:
-      quant.get_setting(config.qat.setting)
-    except (KeyError, ValueError) as e:
-      raise ValueError(f'config.qat.setting: {e}') from e
-
-
-# ----------------------------------------------------------------------------------
-# Mesh and shardings
-# ----------------------------------------------------------------------------------
-
-def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
-  """Mesh ('data', 'fsdp') over `devices` (default: all devices of all processes)."""
-  devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
-  fsdp = n if fsdp == -1 else int(fsdp)
-  if fsdp < 1 or n % fsdp:
-    raise ValueError(f'config.mesh.fsdp={fsdp} does not divide the {n} devices')
-  arr = np.asarray(devices, dtype=object).reshape(n // fsdp, fsdp)
-  return Mesh(arr, ('data', 'fsdp'))
-
-
-def fsdp_spec(shape, fsdp_size: int) -> P:
-  """Split the largest dimension that `fsdp_size` divides over 'fsdp'; else replicate.
-
-  Ties go to the later dimension (the output side of a kernel).
-  """
-  if fsdp_size <= 1 or not shape:
-    return P()
-  best = None
-  for i, d in enumerate(shape):
-    if d % fsdp_size == 0 and d >= fsdp_size and (best is None or d >= shape[best]):
-      best = i
-  if best is None:
-    return P()
-  spec = [None] * len(shape)
-  spec[best] = 'fsdp'
-  return P(*spec)
-
-
-def tree_shardings(tree, mesh: Mesh):
-  """NamedSharding per leaf of an (abstract) tree, by `fsdp_spec` of its shape."""
-  size = mesh.shape['fsdp']
-  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), size)),
-                      tree)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(('data', 'fsdp')))
+from s2d_jax import optim
+from s2d_jax import parallel
+from s2d_jax import pcdr
+from s2d_jax import quant
+from s2d_jax import quant_model
+from s2d_jax import spectral
+from s2d_jax import tasks
+from s2d_jax.data import input_pipeline
 
 
 # ----------------------------------------------------------------------------------
 # Optimizer
 # ----------------------------------------------------------------------------------
-
-def _path_str(path) -> str:
-  return checkpointing._path_str(path)  # pylint: disable=protected-access
-
-
-def weight_decay_mask(params) -> Any:
-  """True for leaves named 'kernel' with ndim >= 2 (no decay on biases, norms, posemb,
-  cls/probe tokens, temperature)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: _path_str(p).split('/')[-1] == 'kernel' and np.ndim(x) >= 2,
-      params)
-
-
-def s2d_mask(params, exclude=()) -> Any:
-  """Kernels (ndim >= 2) whose path matches none of the `exclude` regexes."""
-  pats = [re.compile(e) for e in exclude]
-  def sel(p, x):
-    s = _path_str(p)
-    return (s.split('/')[-1] == 'kernel' and np.ndim(x) >= 2
-            and not any(r.search(s) for r in pats))
-  return jax.tree_util.tree_map_with_path(sel, params)
-
 
 def lr_schedule(config, total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to `lr` over T_w steps, cosine decay to lr·min_lr_frac."""
@@ -208,15 +95,14 @@ def make_optimizer(config, total_steps: int, abstract_params):
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   s2d_tx = None
   if config.s2d.enabled:
-    from s2d_jax import optim  # pylint: disable=g-import-not-at-top
     s = config.s2d
     s2d_tx = optim.s2d(
         k=int(s.k_max), strength=s.strength, power=s.power, iters=int(s.iters),
-        mask=s2d_mask(abstract_params, tuple(s.exclude)), k_max=int(s.k_max),
-        decoupled=bool(s.decoupled),
+        mask=spectral.kernel_mask(abstract_params, tuple(s.exclude)),
+        k_max=int(s.k_max), decoupled=bool(s.decoupled),
         learning_rate=sched if s.decoupled else None, seed=int(config.seed))
   adamw = optax.adamw(sched, b1=config.b1, b2=config.b2, eps=config.eps,
-                      weight_decay=config.wd, mask=weight_decay_mask)
+                      weight_decay=config.wd, mask=spectral.kernel_mask)
   if s2d_tx is not None and not config.s2d.decoupled:
     parts.append(s2d_tx)       # coupled (paper): S2D gradient goes through Adam
   parts.append(adamw)
@@ -226,96 +112,42 @@ def make_optimizer(config, total_steps: int, abstract_params):
 
 
 # ----------------------------------------------------------------------------------
-# Model, losses
+# The step
 # ----------------------------------------------------------------------------------
 
-def build_model(config):
-  """The linen module named by config.model_name with config.model kwargs."""
-  kw = config.model.to_dict() if hasattr(config.model, 'to_dict') else dict(
-      config.model)
-  if config.model_name == 'vit':
-    from s2d_jax.models import vit  # pylint: disable=g-import-not-at-top
-    return vit.Model(int(config.num_classes), **kw)
-  from s2d_jax.models import two_towers  # pylint: disable=g-import-not-at-top
-  return two_towers.Model(**kw)
+def train_step(params, opt_state, batch, step, *, apply_fn: Callable,
+               loss_fn: Callable, inputs: Sequence[str], tx, rng):
+  """One optimizer step; returns (params, opt_state, metrics).
 
+  `apply_fn(variables, *model_inputs, train=True, rngs=...)` (e.g. `model.apply`, or
+  its fake-quantized version under QAT), `loss_fn(model_output, batch) -> (loss,
+  aux)`, `inputs`: the batch keys fed to the model in order. Dropout keys are
+  `fold_in(rng, step)`, so a resumed run draws the same ones. metrics: loss,
+  grad_norm = ‖∇L‖₂ (before clipping) and the loss's aux values (e.g. acc).
+  """
+  drop = jax.random.fold_in(rng, step)
 
-def softmax_xent(logits, labels, num_classes, smoothing=0.0):
-  """mean_b −Σ_c y_bc log softmax(z_b)_c with y = (1−ε)·onehot + ε/C."""
-  y = jax.nn.one_hot(labels, num_classes)
-  if smoothing:
-    y = y * (1 - smoothing) + smoothing / num_classes
-  return -jnp.mean(jnp.sum(y * jax.nn.log_softmax(logits), axis=-1))
+  def loss_of(p):
+    out = apply_fn({'params': p}, *(batch[k] for k in inputs), train=True,
+                   rngs={'dropout': drop})
+    return loss_fn(out, batch)
 
-
-def sigmoid_xent(logits, labels, num_classes):
-  """mean_b −Σ_c [y log σ(z) + (1−y) log σ(−z)] (big_vision's sigmoid_xent)."""
-  y = jax.nn.one_hot(labels, num_classes)
-  ll = y * jax.nn.log_sigmoid(logits) + (1 - y) * jax.nn.log_sigmoid(-logits)
-  return -jnp.mean(jnp.sum(ll, axis=-1))
-
-
-def make_loss_fn(config, model, apply_fn=None) -> Callable:
-  """loss_fn(params, batch, rng) -> (loss, aux {'acc': ...})."""
-  apply_fn = apply_fn or model.apply
-  if config.model_name == 'vit':
-    n = int(config.num_classes)
-
-    def loss_fn(params, batch, rng):
-      logits, _ = apply_fn({'params': params}, batch['image'], train=True,
-                           rngs={'dropout': rng})
-      logits = logits.astype(jnp.float32)
-      if config.loss == 'softmax_xent':
-        loss = softmax_xent(logits, batch['label'], n, config.label_smoothing)
-      else:
-        loss = sigmoid_xent(logits, batch['label'], n)
-      acc = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
-      return loss, {'acc': acc}
-    return loss_fn
-
-  from s2d_jax.models import two_towers  # pylint: disable=g-import-not-at-top
-
-  def tt_loss_fn(params, batch, rng):
-    zimg, ztxt, out = apply_fn({'params': params}, batch['image'], batch['labels'],
-                               train=True, rngs={'dropout': rng})
-    loss = two_towers.sigmoid_loss(zimg, ztxt, out['t'], out.get('b'))
-    # image -> text retrieval top-1 within the batch
-    acc = jnp.mean(jnp.argmax(zimg @ ztxt.T, -1) == jnp.arange(zimg.shape[0]))
-    return loss, {'acc': acc}
-  return tt_loss_fn
-
-
-def model_inputs_keys(config) -> tuple[str, ...]:
-  return ('image', 'label') if config.model_name == 'vit' else ('image', 'labels')
-
-
-def model_inputs(config, batch_like) -> tuple:
-  """Positional model inputs of a batch (for init / shape inference)."""
-  if config.model_name == 'vit':
-    return (batch_like['image'],)
-  return (batch_like['image'], batch_like['labels'])
+  (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  return params, opt_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), **aux}
 
 
 # ----------------------------------------------------------------------------------
-# Spectral logging
+# Spectral and S2D logging
 # ----------------------------------------------------------------------------------
 
 def largest_kernels(params, top: int) -> list[str]:
-  """Paths of the `top` kernels (ndim >= 2) with the most elements per layer."""
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  cands = []
-  for p, x in flat:
-    s = _path_str(p)
-    if s.split('/')[-1] != 'kernel' or np.ndim(x) < 2:
-      continue
-    per_layer = int(np.prod(np.shape(x))) // (np.shape(x)[0] if _is_scanned(s) else 1)
-    cands.append((per_layer, s))
-  cands.sort(key=lambda t: (-t[0], t[1]))
-  return [s for _, s in cands[:top]]
-
-
-def _is_scanned(path: str) -> bool:
-  return 'encoderblock' in path.split('/')
+  """Paths of the `top` kernels (`spectral.kernel_mask`) with the most entries per
+  layer (ties by name)."""
+  chosen = spectral.select_kernels(params, spectral.kernel_mask(params))
+  cands = sorted((-v.rows * v.cols, name) for name, (_, v) in chosen.items())
+  return [name for _, name in cands[:top]]
 
 
 def _get(tree, path: str):
@@ -326,7 +158,6 @@ def _get(tree, path: str):
 
 def sigma_max_fn(paths: list[str]) -> Callable:
   """params -> {path: σ_max} (max over layers for scanned kernels), exact SVD."""
-  from s2d_jax import spectral  # pylint: disable=g-import-not-at-top
 
   def f(params):
     out = {}
@@ -340,15 +171,71 @@ def sigma_max_fn(paths: list[str]) -> Callable:
   return f
 
 
+def s2d_log(opt_state) -> dict:
+  """Active S2D components (total) and the largest tracked σ (traceable; jit it).
+
+  The one place that reads the S2D state for logging (through `optim`'s accessors).
+  """
+  st = optim.find_s2d_state(opt_state)
+  out = {}
+  active = getattr(st, 'active', None)
+  if active:
+    out['s2d_active'] = sum(jnp.sum(a.astype(jnp.int32))
+                            for a in jax.tree.leaves(active))
+  sig = optim.sigma_estimates(opt_state)
+  if sig:
+    out['s2d_sigma_max'] = jnp.max(jnp.stack([jnp.max(v) for v in sig.values()]))
+  return out
+
+
+def _is_refresh_step(step: int, every: int) -> bool:
+  """PCDR re-selection happens before steps 0, m, 2m, ... (only step 0 if m == 0)."""
+  return step == 0 if every == 0 else step % every == 0
+
+
+def _make_pcdr_refresh(config, model, mesh, opt_sh):
+  """(params, opt_state, images) -> (opt_state with new active counts, active).
+
+  capture runs as one jitted program on `pcdr_batch` images (replicated); the PCDR
+  of each kernel is its own small jitted program (pcdr.select_active called outside
+  jit, on each process's local copy of the replicated params and inputs) and
+  set_active replaces values only, so nothing
+  recompiles after the first refresh. (A single fused capture+PCDR program was seen
+  to deadlock XLA:CPU.)
+  """
+  nb = int(config.s2d.pcdr_batch)
+  exclude = tuple(config.s2d.exclude)
+  repl = parallel.replicated(mesh)
+  sharded = mesh.shape['fsdp'] > 1
+
+  @functools.partial(jax.jit, out_shardings=repl)
+  def capture_fn(params, images):
+    imgs = jax.lax.with_sharding_constraint(images[:nb], repl)
+    params = jax.lax.with_sharding_constraint(params, repl)
+    mask = spectral.kernel_mask(params, exclude)
+    keep = {spectral.path_str(p[:-1]) for p, m in spectral.leaves_with_paths(mask) if m}
+    _, inputs = capture.capture_matmul_inputs(
+        model.apply, {'params': params}, imgs, train=False,
+        include=lambda path: '/'.join(path) in keep)
+    return inputs, (params if sharded else None)
+
+  def refresh(params, opt_state, images):
+    inputs, full = jax.block_until_ready(capture_fn(params, images))
+    # Replicated values: every process selects on its own first device (the same
+    # deterministic programs, no cross-process work).
+    p, inputs = parallel.local_copy((full if sharded else params, inputs))
+    active = pcdr.select_active(p, inputs, k_max=int(config.s2d.k_max),
+                                tau=float(config.s2d.tau),
+                                mask=spectral.kernel_mask(p, exclude))
+    active = jax.block_until_ready(active)
+    opt_state = jax.device_put(optim.set_active(opt_state, active), opt_sh)
+    return opt_state, active
+  return refresh
+
+
 # ----------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------
-
-def num_examples(data_cfg, data_dir=None) -> int:
-  from s2d_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  return input_pipeline.num_examples(data_cfg['name'], data_cfg['split'],
-                                     data_dir=data_dir)
-
 
 def total_steps_of(config, n_examples: int | None) -> int:
   if int(config.total_steps or 0) > 0:
@@ -357,156 +244,103 @@ def total_steps_of(config, n_examples: int | None) -> int:
                               / int(config.input.batch_size))))
 
 
+def _data_kwargs(config, process_index: int, process_count: int) -> dict:
+  return dict(preprocess=config.input.pp,
+              batch_size=int(config.input.batch_size) // process_count,
+              process_index=process_index, process_count=process_count,
+              shuffle_buffer_size=int(config.input.shuffle_buffer_size),
+              seed=int(config.seed), data_dir=config.input.get('data_dir'))
+
+
 def input_spec(config, process_index: int, process_count: int) -> dict:
-  """element_spec (batched TensorSpecs) of the training pipeline."""
-  from s2d_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  ds = input_pipeline.get_dataset(
-      config.input.data['name'], config.input.data['split'],
-      preprocess=config.input.pp,
-      batch_size=int(config.input.batch_size) // process_count,
-      process_index=process_index, process_count=process_count,
-      shuffle_buffer_size=int(config.input.shuffle_buffer_size),
-      seed=int(config.seed), data_dir=config.input.get('data_dir'))
+  """element_spec (batched TensorSpecs) of the training pipeline (nothing read)."""
+  ds = input_pipeline.get_dataset(config.input.data['name'], config.input.data['split'],
+                                  **_data_kwargs(config, process_index, process_count))
   return dict(ds.element_spec)
 
 
 def train_iterator(config, start_step: int, process_index: int, process_count: int):
   """Local (per-process) numpy batches, starting after `start_step` batches."""
-  from s2d_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  local_bs = int(config.input.batch_size) // process_count
   return input_pipeline.train_iterator(
       config.input.data['name'], config.input.data['split'],
-      preprocess=config.input.pp, batch_size=local_bs,
-      process_index=process_index, process_count=process_count,
-      shuffle_buffer_size=int(config.input.shuffle_buffer_size), seed=int(config.seed),
-      data_dir=config.input.get('data_dir'), start_step=int(start_step))
+      start_step=int(start_step), **_data_kwargs(config, process_index, process_count))
 
 
-# ----------------------------------------------------------------------------------
-# Initialisation
-# ----------------------------------------------------------------------------------
-
-def load_init_params(config, model, abstract_params, example_inputs) -> Any:
-  """Params from config.model_init (npz), checked against the configured model."""
-  from s2d_jax.models import siglip  # pylint: disable=g-import-not-at-top
-  path = config.model_init
-  if not os.path.exists(path) and not path.startswith('gs://'):
-    raise FileNotFoundError(f'config.model_init: no such file {path!r}')
-  dont_load = tuple(config.model_load.get('dont_load', ()))
-  model_kw = {k: v for k, v in dict(config.model).items() if k != 'variant'}
-  if config.model_name == 'vit':
-    res = tuple(example_inputs[0].shape[1:3])
-    _, params = siglip.load_classifier(path, int(config.num_classes), res=res,
-                                       **model_kw)
-  else:
-    _, params = siglip.load(path, **model_kw)
-  params = flax.core.unfreeze(params)
-  pats = [re.compile(d) for d in dont_load]
-  want = checkpointing.fingerprint(abstract_params)
-  got = checkpointing.fingerprint(params)
-  keep = {k: v for k, v in want.items() if not any(r.fullmatch(k) for r in pats)}
-  got_kept = {k: v for k, v in got.items() if not any(r.fullmatch(k) for r in pats)}
-  checkpointing.compare_fingerprints(keep, got_kept, f'config.model_init {path!r}')
-  return params, pats
-
-
-def init_params(config, model, rng, example_inputs, abstract_params, shardings):
-  """Random init (jitted onto `shardings`), then model_init's params where loaded."""
-  init = jax.jit(lambda r: flax.core.unfreeze(model.init(r, *example_inputs))['params'],
-                 out_shardings=shardings)
-  params = init(rng)
-  if not config.model_init:
-    return params
-  loaded, pats = load_init_params(config, model, abstract_params, example_inputs)
-  flat_l = {k: v for k, v in _flatten(loaded).items()}
-
-  def pick(path, cur, sh):
-    s = _path_str(path)
-    if any(r.fullmatch(s) for r in pats) or s not in flat_l:
-      return cur
-    return jax.device_put(np.asarray(flat_l[s], dtype=cur.dtype), sh)
-  return jax.tree_util.tree_map_with_path(pick, params, shardings)
-
-
-def _flatten(tree) -> dict:
-  return {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def _check_dataset(config) -> int:
+  """Fails early (nothing written) if a dataset is missing; returns #train examples."""
+  try:
+    return input_pipeline.num_examples(config.input.data['name'],
+                                       config.input.data['split'],
+                                       data_dir=config.input.get('data_dir'))
+  except Exception as e:  # pylint: disable=broad-except
+    raise FileNotFoundError(
+        f'config.input.data: dataset {config.input.data["name"]!r} split '
+        f'{config.input.data["split"]!r} is not available (data_dir='
+        f'{config.input.get("data_dir")!r}): {e}') from e
 
 
 # ----------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------
 
-def _global_batch(local: Mapping[str, np.ndarray], sharding, process_count: int):
-  out = {}
-  for k, v in local.items():
-    if k.startswith('_'):
-      continue
-    v = np.asarray(v)
-    gshape = (v.shape[0] * process_count,) + v.shape[1:]
-    out[k] = jax.make_array_from_process_local_data(sharding, v, gshape)
-  return out
+@dataclasses.dataclass
+class _Setup:
+  """Everything `_startup` checked and built (nothing written yet)."""
+  task: tasks.Task
+  model: Any
+  mesh: Any
+  total: int
+  example_inputs: tuple
+  abstract_params: Any
+  loaded: Any          # model_init params (host; abstract leaves = not loaded) or None
+  param_sh: Any
+  tx: Any
+  sched: Any
+  abstract_opt: Any
+  opt_sh: Any
+  resume_step: int | None
 
 
-def _check_dataset(config):
-  """Fails early (nothing written) if a dataset is missing; returns #train examples."""
-  try:
-    n = num_examples(config.input.data, config.input.get('data_dir'))
-  except Exception as e:  # pylint: disable=broad-except
-    raise FileNotFoundError(
-        f'config.input.data: dataset {config.input.data["name"]!r} split '
-        f'{config.input.data["split"]!r} is not available (data_dir='
-        f'{config.input.get("data_dir")!r}): {e}') from e
-  return n
-
-
-def train(config: mlc.ConfigDict, workdir: str, *,
-          on_step: Callable[[int], None] | None = None, echo: bool = True) -> dict:
-  """Runs (or resumes) training in `workdir`; returns a summary dict.
-
-  `on_step(step)` is called after each completed step (after any checkpoint of that
-  step); tests use it to simulate a crash.
-  """
-  validate_config(config)
+def _startup(config: mlc.ConfigDict, workdir: str) -> _Setup:
+  """Every start-up check, before anything is written (see the module docstring)."""
+  config_schema.validate(config)
+  task = tasks.get(config)
   pidx, pcount = jax.process_index(), jax.process_count()
   if int(config.input.batch_size) % jax.device_count():
     raise ValueError(
         f'config.input.batch_size={config.input.batch_size} is not divisible by the '
         f'{jax.device_count()} devices')
-  n_train = _check_dataset(config)
-  total = total_steps_of(config, n_train)
-  if config.model_init and not config.model_init.startswith('gs://') and \
+  total = total_steps_of(config, _check_dataset(config))
+  if config.model_init and '://' not in config.model_init and \
       not os.path.exists(config.model_init):
     raise FileNotFoundError(f'config.model_init: no such file {config.model_init!r}')
-
-  mesh = make_mesh(int(config.mesh.fsdp))
-  data_sh = batch_sharding(mesh)
-  model = build_model(config)
-  rng = jax.random.PRNGKey(int(config.seed))
-  rng_init, rng_drop = jax.random.split(rng)
+  mesh = parallel.make_mesh(int(config.mesh.fsdp))
+  model = task.build(config)
 
   # Shapes for init from the pipeline's element spec (nothing is read yet).
   spec = input_spec(config, pidx, pcount)
   ex = {k: np.zeros((1,) + tuple(v.shape[1:]), v.dtype.as_numpy_dtype)
         for k, v in spec.items() if not k.startswith('_')}
-  for k in model_inputs_keys(config):
-    if k not in ex:
-      raise ValueError(f'config.input.pp: batches have keys {sorted(ex)}, the '
-                       f'{config.model_name} model needs {k!r}')
-  example_inputs = model_inputs(config, ex)
+  missing = [k for k in task.inputs if k not in ex]
+  if missing:
+    raise ValueError(f'config.input.pp: batches have keys {sorted(ex)}, the '
+                     f'{config.model_name} model needs {missing}')
+  example_inputs = task.model_inputs(ex)
   abstract_params = jax.eval_shape(
-      lambda r: flax.core.unfreeze(model.init(r, *example_inputs))['params'], rng_init)
-  if config.model_init:  # start-up check before anything is written
-    load_init_params(config, model, abstract_params, example_inputs)
-  param_sh = tree_shardings(abstract_params, mesh)
-
+      lambda r: flax.core.unfreeze(model.init(r, *example_inputs))['params'],
+      jax.random.PRNGKey(0))
+  loaded = None
+  if config.model_init:  # read once, checked against the model
+    loaded = task.module().load(abstract_params, config.model_init, config.model,
+                                tuple(config.model_load.get('dont_load', ())))
+  param_sh = parallel.tree_shardings(abstract_params, mesh)
   tx, sched = make_optimizer(config, total, abstract_params)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_sh = tree_shardings(abstract_opt, mesh)
+  opt_sh = parallel.tree_shardings(abstract_opt, mesh)
 
-  # Existing checkpoints: compatible with this model? (before writing anything)
-  ckpt_dir = checkpointing.checkpoint_dir(workdir)
+  # Existing checkpoints: compatible with this model?
   resume_step = None
-  has_ckpts = os.path.isdir(ckpt_dir)
+  has_ckpts = os.path.isdir(checkpointing.checkpoint_dir(workdir))
   if pcount > 1:
     # Every process must take the same branch (orbax syncs inside both), and on a
     # shared filesystem process 0 may already have created the directory by the time
@@ -519,6 +353,64 @@ def train(config: mlc.ConfigDict, workdir: str, *,
     if resume_step is not None:
       ro.check_compatible(abstract_params, resume_step)
     ro.close()
+  return _Setup(task, model, mesh, total, example_inputs, abstract_params, loaded,
+                param_sh, tx, sched, abstract_opt, opt_sh, resume_step)
+
+
+def _restore_or_init(config, s: _Setup, ckpt: checkpointing.Checkpointer, echo: bool):
+  """(params, opt_state, start step): the one place that restores a checkpoint."""
+  if s.resume_step is not None:
+    with_sh = lambda a, sh: jax.tree.map(
+        lambda x, y: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=y), a, sh)
+    params, opt_state, meta = ckpt.restore(with_sh(s.abstract_params, s.param_sh),
+                                           with_sh(s.abstract_opt, s.opt_sh),
+                                           s.resume_step)
+    had = meta.get('data', {}).get('process_count', jax.process_count())
+    if had != jax.process_count() and echo and jax.process_index() == 0:
+      print(f'warning: resuming with {jax.process_count()} processes, checkpoint had '
+            f'{had}: the data order changes', flush=True)
+    return params, opt_state, int(meta['step'])
+  init = jax.jit(
+      lambda r: flax.core.unfreeze(s.model.init(r, *s.example_inputs))['params'],
+      out_shardings=s.param_sh)
+  params = init(jax.random.split(jax.random.PRNGKey(int(config.seed)))[0])
+  if s.loaded is not None:
+    params = jax.tree.map(
+        lambda cur, new, sh: cur if isinstance(new, jax.ShapeDtypeStruct) else
+        parallel.put_leaf(np.asarray(new, cur.dtype), sh),
+        params, s.loaded, s.param_sh)
+  opt_state = jax.jit(s.tx.init, out_shardings=s.opt_sh)(params)
+  return params, opt_state, 0
+
+
+def export_npz(params, path: str) -> str:
+  """Writes params as a big_vision npz (process 0), whatever their sharding.
+
+  Params split over processes (FSDP) are gathered to every host first
+  (`parallel.to_host`); the write is atomic and all processes wait for it.
+  """
+  from s2d_jax.models import siglip  # pylint: disable=g-import-not-at-top
+  host = parallel.to_host(params)
+  if jax.process_index() == 0:
+    tmp = path + '.tmp.npz'
+    siglip.save(tmp, host)
+    os.replace(tmp, path)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'export {path}')
+  return path
+
+
+def train(config: mlc.ConfigDict, workdir: str, *,
+          on_step: Callable[[int], None] | None = None, echo: bool = True) -> dict:
+  """Runs (or resumes) training in `workdir`; returns a summary dict.
+
+  Returns {'workdir', 'total_steps', 'start_step', 'metrics' (last logged),
+  'params' (global arrays), 'mesh', and 'npz' when exported}. `on_step(step)` is
+  called after each completed step (after any checkpoint of that step); tests use it
+  to simulate a crash.
+  """
+  s = _startup(config, workdir)
+  pidx, pcount = jax.process_index(), jax.process_count()
 
   # --- from here on we write into workdir ---
   os.makedirs(workdir, exist_ok=True)
@@ -528,98 +420,73 @@ def train(config: mlc.ConfigDict, workdir: str, *,
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=int(config.keep_ckpts))
   writer = metrics_lib.MetricWriter(os.path.join(workdir, 'metrics.jsonl'),
                                     enabled=pidx == 0,
-                                    stream=sys.stdout if echo else None)
-
-  if resume_step is not None:
-    with_sh = lambda a, s: jax.tree.map(
-        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), a, s)
-    params, opt_state, meta = ckpt.restore(with_sh(abstract_params, param_sh),
-                                           with_sh(abstract_opt, opt_sh), resume_step)
-    start = int(meta['step'])
-    if meta.get('data', {}).get('process_count', pcount) != pcount and echo:
-      print(f'warning: resuming with {pcount} processes, checkpoint had '
-            f'{meta["data"]["process_count"]}: the data order changes', flush=True)
-  else:
-    params = init_params(config, model, rng_init, example_inputs, abstract_params,
-                         param_sh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    start = 0
+                                    stream=sys.stdout if echo else None,
+                                    tb_dir=os.path.join(workdir, 'tensorboard'))
+  params, opt_state, start = _restore_or_init(config, s, ckpt, echo)
+  mesh, total = s.mesh, s.total
+  repl = parallel.replicated(mesh)
 
   # QAT: STE fake-quant forward (static settings: calibrate on the first batch).
-  apply_fn = model.apply
+  apply_fn = s.model.apply
   if config.qat.enabled:
-    from s2d_jax import quant, quant_model  # pylint: disable=g-import-not-at-top
     setting = quant.get_setting(config.qat.setting)
     calib = None
     if setting.needs_calibration:
       # batch 0 with the current params (a resumed run re-calibrates: static-range
       # QAT resumes approximately; dynamic settings resume exactly)
       first = next(iter(train_iterator(config, 0, pidx, pcount)))
-      g = _global_batch(first, data_sh, pcount)
-      calib = quant_model.calibrate(model.apply, setting, {'params': params},
-                                    [model_inputs(config, g)], train=False)
-    apply_fn = quant_model.quantized_apply(model.apply, setting, calibration=calib,
+      g = parallel.global_batch(_model_keys(first), mesh)
+      calib = quant_model.calibrate(s.model.apply, setting, {'params': params},
+                                    [s.task.model_inputs(g)], train=False)
+    apply_fn = quant_model.quantized_apply(s.model.apply, setting, calibration=calib,
                                            ste=True)
-  loss_fn = make_loss_fn(config, model, apply_fn)
-
-  repl = NamedSharding(mesh, P())
 
   # Buffer donation saves a copy of params + optimizer state on TPU/GPU; on CPU
   # (tests, the demo) a donated multi-device S2D step was seen to hang in XLA:CPU.
   donate = (0, 1) if jax.default_backend() != 'cpu' else ()
-
-  @functools.partial(jax.jit, donate_argnums=donate,
-                     out_shardings=(param_sh, opt_sh, repl))
-  def train_step(params, opt_state, batch, step):
-    drop = jax.random.fold_in(rng_drop, step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch, drop)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, {'loss': loss, 'grad_norm': optax.global_norm(grads),
-                               **aux}
-
-  refresh = None
-  if config.s2d.enabled:
-    refresh = _make_pcdr_refresh(config, model, opt_sh, repl)
-
-  sig_paths = largest_kernels(abstract_params, int(config.sigma_log_top))
+  step_fn = jax.jit(
+      functools.partial(train_step, apply_fn=apply_fn,
+                        loss_fn=functools.partial(s.task.loss, config),
+                        inputs=s.task.inputs, tx=s.tx,
+                        rng=jax.random.split(jax.random.PRNGKey(int(config.seed)))[1]),
+      donate_argnums=donate, out_shardings=(s.param_sh, s.opt_sh, repl))
+  refresh = (_make_pcdr_refresh(config, s.model, mesh, s.opt_sh)
+             if config.s2d.enabled else None)
+  sig_paths = largest_kernels(s.abstract_params, int(config.sigma_log_top))
   sigma_fn = jax.jit(sigma_max_fn(sig_paths), out_shardings=repl) if sig_paths else None
+  s2d_fn = jax.jit(s2d_log, out_shardings=repl) if config.s2d.enabled else None
 
   data_meta = lambda step: {'data': {'batches_consumed': int(step),
                                      'process_count': pcount,
                                      'seed': int(config.seed)}}
   it = iter(train_iterator(config, start, pidx, pcount)) if start < total else None
-  t_last, step_last = time.time(), start
-  last_metrics, active = {}, None
+  chrono = metrics_lib.Chrono(total)
+  last_metrics = {}
   step = start
   try:
     while step < total:
-      local = next(it)
-      batch = _global_batch(local, data_sh, pcount)
+      batch = parallel.global_batch(_model_keys(next(it)), mesh)
       if refresh is not None and _is_refresh_step(step, int(config.s2d.refresh_every)):
-        opt_state, active = refresh(params, opt_state, batch['image'])
+        opt_state, _ = refresh(params, opt_state, batch['image'])
         # Wait before the step: on XLA:CPU the two programs running concurrently
         # (async dispatch) were seen to deadlock; costs nothing measurable on TPU.
         jax.block_until_ready(opt_state)
-      params, opt_state, m = train_step(params, opt_state, batch,
-                                        jnp.asarray(step, jnp.int32))
+      params, opt_state, m = step_fn(params, opt_state, batch,
+                                     jnp.asarray(step, jnp.int32))
       step += 1
+      if step == start + 1:
+        jax.block_until_ready(m)
+        chrono.start(step)   # the first step's compile is not in the rate
       if step % int(config.log_every) == 0 or step == total:
-        m = jax.device_get(m)
-        now = time.time()
-        rec = {'loss': m['loss'], 'acc': m['acc'], 'grad_norm': m['grad_norm'],
-               'lr': float(sched(step - 1)),
-               'steps_per_sec': (step - step_last) / max(now - t_last, 1e-9)}
+        rec = {'total_steps': total, **jax.device_get(m),
+               'lr': float(s.sched(step - 1)), **chrono.report(step)}
         if sigma_fn is not None:
           sig = jax.device_get(sigma_fn(params))
           rec['sigma_max'] = max(float(v) for v in sig.values())
-          for k, v in sig.items():
-            rec[f'sigma_max/{k}'] = v
-        if config.s2d.enabled:
-          rec.update(_s2d_log(opt_state))
+          rec.update({f'sigma_max/{k}': v for k, v in sig.items()})
+        if s2d_fn is not None:
+          rec.update(jax.device_get(s2d_fn(opt_state)))
         last_metrics = writer.write(step, rec, echo=echo)
-        t_last, step_last = time.time(), step
       if config.ckpt_every and step % int(config.ckpt_every) == 0 and step < total:
         ckpt.save(step, params, opt_state, data_meta(step))
       if on_step is not None:
@@ -631,112 +498,62 @@ def train(config: mlc.ConfigDict, workdir: str, *,
     writer.close()
 
   result = {'workdir': workdir, 'total_steps': total, 'start_step': start,
-            'metrics': last_metrics, 'params': params}
-  if config.export_npz and pidx == 0:
-    from s2d_jax.models import siglip  # pylint: disable=g-import-not-at-top
-    npz = os.path.join(workdir, 'params.npz')
-    tmp = npz + '.tmp.npz'
-    siglip.save(tmp, jax.device_get(params))
-    os.replace(tmp, npz)
-    result['npz'] = npz
+            'metrics': last_metrics, 'params': params, 'mesh': mesh}
+  if config.export_npz:
+    result['npz'] = export_npz(params, os.path.join(workdir, 'params.npz'))
   return result
 
 
-def _is_refresh_step(step: int, every: int) -> bool:
-  """PCDR re-selection happens before steps 0, m, 2m, ... (only step 0 if m == 0)."""
-  return step == 0 if every == 0 else step % every == 0
+def _model_keys(local: dict) -> dict:
+  """Drops pipeline-private keys ('_rng', '_mask', ...) the model must not see."""
+  return {k: v for k, v in local.items() if not k.startswith('_')}
 
 
-def _s2d_log(opt_state) -> dict:
-  """Active S2D components (total) and the largest tracked σ estimate."""
-  from s2d_jax import optim  # pylint: disable=g-import-not-at-top
-  st = optim.find_s2d_state(opt_state)
-  out = {}
-  active = getattr(st, 'active', None)
-  if active is not None:
-    out['s2d_active'] = int(sum(int(np.sum(np.asarray(jax.device_get(a))))
-                                for a in jax.tree.leaves(active)))
-  sig = optim.sigma_estimates(opt_state)
-  if sig:
-    out['s2d_sigma_max'] = float(max(float(np.max(np.asarray(jax.device_get(v))))
-                                     for v in sig.values()))
-  return out
-
-
-def _make_pcdr_refresh(config, model, opt_sh, repl):
-  """(params, opt_state, images) -> (opt_state with new active counts, active).
-
-  capture runs as one jitted program on `pcdr_batch` images (replicated); the PCDR
-  of each kernel is its own small jitted program (pcdr.select_active called outside
-  jit) and set_active replaces values only, so nothing recompiles after the first
-  refresh. (A single fused capture+PCDR program was seen to deadlock XLA:CPU.)
-  """
-  from s2d_jax import capture, optim, pcdr  # pylint: disable=g-import-not-at-top
-  nb = int(config.s2d.pcdr_batch)
-  exclude = tuple(config.s2d.exclude)
-  pats = [re.compile(e) for e in exclude]
-
-  @functools.partial(jax.jit, out_shardings=repl)
-  def capture_fn(params, images):
-    imgs = jax.lax.with_sharding_constraint(images[:nb], repl)
-    params = jax.lax.with_sharding_constraint(params, repl)
-    _, inputs = capture.capture_matmul_inputs(
-        model.apply, {'params': params}, imgs, train=False,
-        include=lambda path: not any(r.search('/'.join(path) + '/kernel')
-                                     for r in pats))
-    return inputs
-
-  def refresh(params, opt_state, images):
-    inputs = jax.block_until_ready(capture_fn(params, images))
-    active = pcdr.select_active(params, inputs, k_max=int(config.s2d.k_max),
-                                tau=float(config.s2d.tau),
-                                mask=s2d_mask(params, exclude))
-    active = jax.block_until_ready(active)
-    return optim.set_active(opt_state, active), active
-  return refresh
+def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, echo: bool = True,
+                       **train_kw) -> dict:
+  """`train`, then (config.evaluate.enabled) `evaluate.evaluate` on the final params,
+  on the training mesh (no host gather): WORKDIR/report.json. Shared by `main` and
+  the main job; returns train's dict plus 'report'."""
+  from s2d_jax import evaluate  # pylint: disable=g-import-not-at-top
+  result = train(config, workdir, echo=echo, **train_kw)
+  if config.evaluate.enabled:
+    result['report'] = evaluate.evaluate(config, workdir, params=result['params'],
+                                         mesh=result['mesh'], progress=echo)
+  return result
 
 
 # ----------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------
 
-_DIST_FLAGS = ('coordinator_address', 'num_processes', 'process_id', 'distributed')
+USAGE = r"""Fine-tunes a model (AdamW, AdamW + S2D, QAT) and evaluates it.
+
+  python -m s2d_jax.train --config CONFIG[:ARG] --workdir DIR [--config.KEY=VALUE ...]
+
+CONFIG is a config file or a shipped config name (demo, demo_pretrain,
+siglip2_b16_384_i1k, siglip2_b16_384_i1k_qat, siglip_b16_224_i1k, siglip_l16_384_i1k,
+siglip_so400m14_384_i1k). Writes DIR/checkpoints, metrics.jsonl, tensorboard/,
+params.npz and report.json; re-running into DIR resumes from its last checkpoint.
+
+Examples:
+  python -m s2d_jax.train --config siglip2_b16_384_i1k:s2d=True --workdir gs://B/run
+  python -m s2d_jax.train --config configs/demo.py:s2d=True,data_dir=/tmp/tfds \
+      --workdir /tmp/demo --config.total_steps=50
+  # two processes (run once per process):
+  python -m s2d_jax.train --config demo:size=tiny --workdir /tmp/mh \
+      --coordinator_address 127.0.0.1:1234 --num_processes 2 --process_id 0
+"""
 
 
-def maybe_initialize_distributed(flags: Mapping[str, str]) -> None:
-  """jax.distributed.initialize from --coordinator_address/--num_processes/
-  --process_id, or with no arguments (TPU pod auto-detection) for --distributed=true."""
-  if 'num_processes' in flags or 'coordinator_address' in flags:
-    missing = [f for f in ('coordinator_address', 'num_processes', 'process_id')
-               if f not in flags]
-    if missing:
-      raise ValueError(f'multi-process run: missing --{", --".join(missing)}')
-    jax.distributed.initialize(
-        coordinator_address=flags['coordinator_address'],
-        num_processes=int(flags['num_processes']),
-        process_id=int(flags['process_id']))
-  elif config_utils.autotype(flags.get('distributed', 'false')) is True:
-    jax.distributed.initialize()
-
-
-def main(argv=None) -> dict:
-  argv = sys.argv[1:] if argv is None else argv
-  config, workdir, flags = config_utils.parse_cli(argv, extra=_DIST_FLAGS)
-  if flags.get('num_processes') and int(flags['num_processes']) > 1:
-    # CPU multi-process collectives; harmless on TPU/GPU.
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  maybe_initialize_distributed(flags)
-  result = train(config, workdir)
-  if config.evaluate.enabled and config.model_name == 'vit':
-    run_evaluation(config, workdir, result['params'])
-  return result
-
-
-def run_evaluation(config, workdir: str, params) -> dict:
-  """End-of-training PTQ evaluation (evaluate.py) → WORKDIR/report.json."""
-  from s2d_jax import evaluate  # pylint: disable=g-import-not-at-top
-  return evaluate.evaluate(config, workdir, params=params)
+def main(argv: Sequence[str] | None = None) -> dict:
+  fv = flags.FlagValues()
+  config_utils.define_flags(fv, workdir_help='Run directory (checkpoints, metrics, '
+                            'params.npz, report.json); an existing one resumes.')
+  config = config_utils.parse_flags(fv, sys.argv[1:] if argv is None else argv,
+                                    usage=USAGE)
+  config_utils.maybe_initialize_distributed(fv)
+  return train_and_evaluate(config, fv['workdir'].value)
 
 
 if __name__ == '__main__':
-  main()
+  config_utils.run_cli(main)

@@ -10,11 +10,16 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 
+from absl import flags
+
+from s2d_jax import config_schema
 from s2d_jax import config_utils as cu
-from s2d_jax import train
+from s2d_jax import parallel
+from s2d_jax import tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+                 if not os.path.basename(p).startswith('_'))
 # Image-tower parameter counts (without classifier head), from the ViT tables:
 # B/16 ~86M, L/16 ~303M, So400m/14 ~428M (incl. MAP head).
 EXPECTED_MPARAMS = {'B/16': (85, 95), 'L/16': (300, 320), 'So400m/14': (410, 440)}
@@ -30,11 +35,11 @@ def test_there_are_configs():
 @pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
 @pytest.mark.parametrize('arg', [None, 's2d=True', 's2d=False'])
 def test_config_parses_validates_and_builds(path, arg):
-  if arg is not None and 's2d' not in open(path).read():
+  if arg is not None and not re.search(r'\bs2d=', open(path).read()):
     pytest.skip('config has no s2d arg')
   spec = path if arg is None else f'{path}:{arg}'
   config = cu.load_config(spec)
-  train.validate_config(config)
+  config_schema.validate(config)
   if arg == 's2d=True':
     assert config.s2d.enabled is True
   if arg == 's2d=False':
@@ -44,7 +49,7 @@ def test_config_parses_validates_and_builds(path, arg):
   if config.model_name != 'vit':
     return
   res = int(re.search(r'inception_crop\((\d+)', config.input.pp).group(1))
-  model = train.build_model(config)
+  model = tasks.get(config).build(config)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                           jnp.zeros((1, res, res, 3), jnp.float32))['params']
   assert shapes['head']['kernel'].shape[-1] == config.num_classes
@@ -61,7 +66,7 @@ def test_config_parses_validates_and_builds(path, arg):
   # sharding rule applies to every leaf (FSDP size from the config).
   fsdp = config.mesh.fsdp
   for x in jax.tree.leaves(shapes):
-    spec = train.fsdp_spec(x.shape, fsdp)
+    spec = parallel.fsdp_spec(x.shape, fsdp)
     for d, s in zip(x.shape, tuple(spec) + (None,) * (len(x.shape) - len(spec))):
       if s == 'fsdp':
         assert d % fsdp == 0
@@ -69,7 +74,7 @@ def test_config_parses_validates_and_builds(path, arg):
 
 def test_docstrings_document_tpu_batch_and_sharding():
   for path in CONFIGS:
-    if path.endswith('demo.py'):
+    if os.path.basename(path).startswith('demo'):
       continue
     doc = open(path).read().split('"""')[1]
     assert 'TPU' in doc and 'batch' in doc and ('fsdp' in doc or 'data parallel' in doc), path
@@ -128,21 +133,52 @@ def test_apply_overrides_converts_types_and_rejects_unknown():
 
 def test_parse_cli_and_errors(tmp_path):
   path = os.path.join(ROOT, 'configs', 'siglip_b16_224_i1k.py')
-  c, wd, extra = cu.parse_cli(['--config', f'{path}:s2d=True', '--config.lr=0.5',
-                               '--workdir', str(tmp_path), '--process_id=1'],
-                              extra=('process_id',))
-  assert c.s2d.enabled and c.lr == 0.5 and wd == str(tmp_path)
-  assert extra == {'process_id': '1'}
-  with pytest.raises(ValueError, match='missing --workdir'):
-    cu.parse_cli(['--config', path])
-  with pytest.raises(ValueError, match='missing --config'):
-    cu.parse_cli(['--workdir', 'x'])
-  with pytest.raises(ValueError, match='unknown flag --bogus'):
-    cu.parse_cli(['--config', path, '--workdir', 'x', '--bogus=1'])
-  with pytest.raises(FileNotFoundError, match='nope.py'):
+  def parse(argv):
+    fv = flags.FlagValues()
+    cu.define_flags(fv, workdir_help='w')
+    return cu.parse_flags(fv, argv, usage='u'), fv
+  c, fv = parse(['--config', f'{path}:s2d=True', '--config.lr=0.5',
+                 '--workdir', str(tmp_path), '--process_id=1',
+                 '--config.evaluate.settings', 'float,W8A8'])
+  assert c.s2d.enabled and c.lr == 0.5 and fv.workdir == str(tmp_path)
+  assert fv.process_id == 1 and c.evaluate.settings == ('float', 'W8A8')
+  # a shipped config by name, from any directory
+  c2, _ = parse(['--config=siglip_b16_224_i1k:s2d=True', '--workdir', 'x'])
+  assert c2.s2d.enabled and c2.model.to_dict() == c.model.to_dict() and c2.lr != 0.5
+  with pytest.raises(cu.UsageError, match='missing --workdir'):
+    parse(['--config', path])
+  with pytest.raises(cu.UsageError, match='missing --config'):
+    parse(['--workdir', 'x'])
+  with pytest.raises(cu.UsageError, match='bogus'):
+    parse(['--config', path, '--workdir', 'x', '--bogus=1'])
+  # override errors keep the names (key + siblings, expected type)
+  with pytest.raises(cu.UsageError, match=r"--config.s2d.stength.*siblings.*strength"):
+    parse(['--config', path, '--workdir', 'x', '--config.s2d.stength=1'])
+  with pytest.raises(cu.UsageError, match='expected an int'):
+    parse(['--config', path, '--workdir', 'x', '--config.input.batch_size=a'])
+  with pytest.raises(cu.UsageError, match='unknown config arg'):
+    parse(['--config', f'{path}:bogus=1', '--workdir', 'x'])
+  with pytest.raises(FileNotFoundError, match='nope.py.*shipped.*demo'):
     cu.load_config('configs/nope.py:s2d=True')
   with pytest.raises(ValueError, match='unknown config arg'):
     cu.load_config(f'{path}:bogus=1')
+
+
+def test_shipped_config_names_resolve_from_any_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  names = cu.shipped_configs()
+  assert {'demo', 'demo_pretrain', 'siglip2_b16_384_i1k'} <= set(names)
+  for spec in ('demo:size=tiny', 'demo.py:size=tiny', 'configs/demo.py:size=tiny'):
+    assert cu.load_config(spec).input.batch_size == 16, spec
+  assert cu.split_spec('demo:s2d=True') == ('demo', 's2d=True')
+  assert cu.split_spec('/x/y.py:a=1') == ('/x/y.py', 'a=1')
+  assert cu.split_spec('/x/y.py') == ('/x/y.py', None)
+  (tmp_path / 'demo.py').write_text(
+      'from s2d_jax import config_utils\n'
+      'def get_config(arg=None):\n'
+      '  c = config_utils.default_train_config()\n  c.seed = 7\n  return c\n')
+  assert cu.load_config('demo.py').seed == 7          # a local file wins
+  assert cu.load_config('demo:size=tiny').seed == 0   # a bare name is the shipped one
 
 
 def test_load_config_rejects_non_config(tmp_path):
@@ -168,7 +204,7 @@ def test_validate_config_names_the_key(key, value, match):
   with c.ignore_type():
     c[key] = value
   with pytest.raises(ValueError, match=match):
-    train.validate_config(c)
+    config_schema.validate(c)
 
 
 def test_validate_config_s2d_and_unknown_keys():
@@ -177,8 +213,53 @@ def test_validate_config_s2d_and_unknown_keys():
   c.s2d.enabled = True
   c.s2d.tau = 0.0
   with pytest.raises(ValueError, match='s2d.tau'):
-    train.validate_config(c)
+    config_schema.validate(c)
   c.s2d.tau = 0.95
   c.bogus = 1
   with pytest.raises(ValueError, match='bogus'):
-    train.validate_config(c)
+    config_schema.validate(c)
+
+
+@pytest.mark.parametrize('key,match', [
+    ('s2d.stength', r"config.s2d.stength: unknown key; known keys of config.s2d: "
+                    r"\[.*'strength'"),
+    ('input.data.splt', r"config.input.data.splt: unknown key.*'split'"),
+    ('evaluate.calib_imgs', r"config.evaluate.calib_imgs: unknown key.*'calib_images'"),
+    ('model.widht', r"config.model.widht: unknown key.*'width'"),
+])
+def test_unknown_keys_at_any_depth_are_named(key, match):
+  c = cu.load_config('demo:size=tiny')
+  node = c
+  for part in key.split('.')[:-1]:
+    node = node[part]
+  with node.ignore_type() if hasattr(node, 'ignore_type') else _nullctx():
+    node[key.split('.')[-1]] = 1
+  with pytest.raises(ValueError, match=match):
+    config_schema.validate(c)
+
+
+def test_two_towers_model_keys_and_eval_settings_are_checked():
+  c = cu.load_config('demo_pretrain:size=tiny')
+  config_schema.validate(c)
+  c.model.text['widht'] = 3
+  with pytest.raises(ValueError, match=r"config.model.text.widht: unknown key"):
+    config_schema.validate(c)
+  c = cu.load_config('demo:size=tiny')
+  for bad, match in (('W4A4-statik', 'W4A4-statik'), ('RepQ-ViT/W4X4', 'W4X4'),
+                     ('Nope/W4A4', "unknown method 'Nope'")):
+    c.evaluate.settings = ('float', bad)
+    with pytest.raises(ValueError, match=f'config.evaluate.settings: .*{match}'):
+      config_schema.validate(c)
+  c.evaluate.settings = ('float', 'W4A4', 'RepQ-ViT/W4A4', 'ERQ/W4A4')
+  config_schema.validate(c)
+  c.evaluate.enabled = False
+  c.evaluate.settings = ('W4A4-statik',)
+  config_schema.validate(c)   # not evaluated: not checked
+
+
+class _nullctx:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False

@@ -1,4 +1,5 @@
-"""PTQ evaluation under pmap (s2d_jax/evaluate.py) and its report / plots."""
+"""The evaluator (s2d_jax/evaluate.py: jit over the global mesh), PTQ setting names,
+and the report (s2d_jax/report.py: report.json, table, plots)."""
 
 import json
 import os
@@ -9,7 +10,10 @@ import numpy as np
 import pytest
 
 from s2d_jax import evaluate as ev
+from s2d_jax import parallel
+from s2d_jax import ptq
 from s2d_jax import quant_model as qm
+from s2d_jax import report
 from s2d_jax.models import vit
 
 TINY = dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=(8, 8),
@@ -57,10 +61,17 @@ def _reports(setup):
         model.apply, variables, batches, settings=["float", "W4A4-static"],
         devices=jax.devices()[:n], calib_batches=2, pcdr_examples=4 if n == 1 else 0,
         progress=False)
+  # params split over an fsdp axis of 2 (4 x 2 mesh), as the trainer's FSDP leaves them
+  mesh = parallel.make_mesh(2)
+  sharded = parallel.put(variables, parallel.tree_shardings(variables, mesh))
+  assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(sharded))
+  out["fsdp"] = ev.evaluate_model(
+      model.apply, sharded, batches, settings=["float", "W4A4-static"], mesh=mesh,
+      calib_batches=2, pcdr_examples=4, progress=False)
   return out
 
 
-def test_pmap_reports(setup, tmp_path):
+def test_reports_on_1_2_8_devices_and_fsdp(setup, tmp_path):
   """One fixture-free test (xdist would build a module fixture per worker)."""
   reports = _reports(setup)
   _same_numbers_on_1_2_8_devices(reports)
@@ -70,7 +81,7 @@ def test_pmap_reports(setup, tmp_path):
 
 def _same_numbers_on_1_2_8_devices(reports):
   r1 = reports[1]
-  for n in (2, 8):
+  for n in (2, 8, "fsdp"):
     assert reports[n]["counts"] == r1["counts"]
     assert reports[n]["accuracy"] == r1["accuracy"]
     assert reports[n]["layers"].keys() == r1["layers"].keys()
@@ -79,7 +90,13 @@ def _same_numbers_on_1_2_8_devices(reports):
                 "median_abs", "channel_range_spread"):
         np.testing.assert_allclose(reports[n]["layers"][k][f], s[f], rtol=1e-5,
                                    err_msg=f"{n} devices {k} {f}")
-    assert reports[n]["devices"]["count"] == n
+    assert reports[n]["devices"]["count"] == (8 if n == "fsdp" else n)
+  assert reports["fsdp"]["devices"]["mesh"] == {"data": 4, "fsdp": 2}
+  for k, v in r1["pcdr"].items():
+    np.testing.assert_allclose(reports["fsdp"]["pcdr"][k], v, rtol=1e-4, atol=1e-6)
+  for k, v in r1["weights"].items():
+    np.testing.assert_allclose(reports["fsdp"]["weights"][k]["top_sigma"],
+                               v["top_sigma"], rtol=1e-5)
 
 
 def _accuracy_matches_independent_computation(setup, reports):
@@ -115,14 +132,81 @@ def _accuracy_matches_independent_computation(setup, reports):
 
 def _report_plots_and_table(reports, tmp_path):
   r = dict(reports[1])
-  path = ev.write_report(r, str(tmp_path))
+  path = report.write_report(r, str(tmp_path))
   with open(path) as f:
     loaded = json.load(f)
   assert loaded["accuracy"]["float"] == r["accuracy"]["float"]
+  assert report.read_report(str(tmp_path)) == loaded
+  assert set(os.listdir(tmp_path)) == {"report.json", "plots"}  # no temporary left
   assert set(os.listdir(tmp_path / "plots")) == {
       "accuracy_vs_bits.png", "activations.png", "sigma_max.png"}
-  table = ev.format_table(r)
+  table = report.format_table(r)
   assert "W4A4-static" in table and f"{100 * r['accuracy']['float']:.2f}" in table
+
+
+class FakePTQ:
+  """A PTQ method module for the tests (the real ones are ported elsewhere): static
+  per-tensor minmax ranges from the calibration images, at the requested bits."""
+  calls = []
+
+  @staticmethod
+  def quantize(apply_fn, variables, calib_images, w_bits, a_bits, *, output_fn=None,
+               **options):
+    del output_fn, options
+    FakePTQ.calls.append((w_bits, a_bits, np.asarray(calib_images).copy()))
+    setting = f"W{w_bits}A{a_bits}-static"
+    cal = qm.calibrate(apply_fn, setting, jax.device_get(variables),
+                       [(np.asarray(calib_images),)])
+
+    def qapply(qv, images, **kw):
+      f = qm.quantized_apply(apply_fn, setting, calibration=qv["calib"])
+      return f({"params": qv["params"]}, images, **kw)
+    qapply.info = {"setting": setting, "layers": {"embedding": [w_bits, a_bits]}}
+    return qapply, {"params": variables["params"], "calib": cal}
+
+
+@pytest.fixture
+def fake_ptq(monkeypatch):
+  FakePTQ.calls.clear()
+  orig = ptq.method_module
+  monkeypatch.setitem(ptq.METHODS, "Fake", "fake")
+  monkeypatch.setattr(ptq, "method_module",
+                      lambda m: FakePTQ if m == "Fake" else orig(m))
+  return FakePTQ
+
+
+def test_ptq_setting_names(setup, fake_ptq):
+  """'METHOD/WxAy' settings: calibrated once on calib_images, evaluated like the
+  others, recorded in the report; the same numbers on 1 and 8 devices."""
+  model, variables, x, y = setup
+  calib = x[:6]
+  batches = [{"image": x[i:i + BS], "label": y[i:i + BS]} for i in range(0, N, BS)]
+  reps = {n: ev.evaluate_model(model.apply, variables, batches,
+                               settings=["float", "Fake/W4A4", "W8A8"],
+                               calib_images=calib, devices=jax.devices()[:n],
+                               collect_stats=False, weight_stats=False,
+                               pcdr_examples=0, progress=False) for n in (1, 8)}
+  assert len(fake_ptq.calls) == 2                    # once per setting and run
+  assert fake_ptq.calls[0][:2] == (4, 4)
+  np.testing.assert_array_equal(fake_ptq.calls[0][2], calib)
+  cal = qm.calibrate(model.apply, "W4A4-static", variables, [(calib,)])
+  qpred = np.asarray(jax.jit(qm.quantized_apply(model.apply, "W4A4-static",
+                                                calibration=cal))(variables, x)[0])
+  want = int((qpred.argmax(-1) == y).sum())
+  for r in reps.values():
+    assert r["counts"]["Fake/W4A4"] == {"correct": want, "total": N}
+    assert list(r["accuracy"]) == ["float", "Fake/W4A4", "W8A8"]
+  rec = reps[1]["settings"]["Fake/W4A4"]
+  assert rec == dict(method="Fake", w_bits=4, a_bits=4, calib_images=6,
+                     info={"setting": "W4A4-static",
+                           "layers": {"embedding": [4, 4]}})
+  assert "Fake/W4A4" not in reps[1]["quant_plan"]
+  table = report.format_table(reps[1])
+  assert "Fake/W4A4  4  4" in table
+  with pytest.raises(ValueError, match="need calib_images"):
+    ev.evaluate_model(model.apply, variables, batches, settings=["Fake/W4A4"])
+  with pytest.raises(ValueError, match="unknown method 'Nope'"):
+    ev.evaluate_model(model.apply, variables, batches, settings=["Nope/W4A4"])
 
 
 def test_pad_batch_and_errors(setup):
@@ -165,7 +249,7 @@ def get_config(arg=None):
   return str(cfg)
 
 
-def test_cli_end_to_end_npz(tmp_path, capsys):
+def test_cli_end_to_end_npz(tmp_path, capsys, request):
   from s2d_jax.data import demo
   from s2d_jax.models import siglip
   data_dir = tmp_path / "tfds"
@@ -176,8 +260,8 @@ def test_cli_end_to_end_npz(tmp_path, capsys):
   siglip.save(str(ckpt), params)
   cfg = _write_config(tmp_path, ckpt, data_dir)
   workdir = tmp_path / "work"
-  report = ev.main(["--config", cfg, "--workdir", str(workdir),
-                    "--config.evaluate.calib_batches=1"])
+  rep = ev.main(["--config", cfg, "--workdir", str(workdir),
+                 "--config.evaluate.calib_batches=1"])
   out = capsys.readouterr().out
   assert "W8A8" in out and "top-1" in out
   saved = json.load(open(workdir / "report.json"))
@@ -185,7 +269,7 @@ def test_cli_end_to_end_npz(tmp_path, capsys):
   assert saved["checkpoint"]["kind"] == "npz"
   assert saved["checkpoint"]["num_params"] == sum(
       np.size(p) for p in jax.tree.leaves(params))
-  assert report["data"]["split"] == "test[:21]"
+  assert rep["data"]["split"] == "test[:21]"
   # the same params as an orbax training checkpoint (checkpoint='' -> workdir)
   from s2d_jax import checkpointing
   orbax_dir = tmp_path / "run"
@@ -193,9 +277,9 @@ def test_cli_end_to_end_npz(tmp_path, capsys):
   rep2 = ev.main(["--config", _write_config(tmp_path, "", data_dir, pcdr=0),
                   "--workdir", str(orbax_dir), "--config.evaluate.settings=float"])
   assert rep2["checkpoint"]["kind"] == "orbax"
-  assert rep2["counts"]["float"] == report["counts"]["float"]
-  assert "pcdr" not in rep2 and len(report["pcdr"]) > 0
-  assert rep2["checkpoint"]["params_sha256"] == report["checkpoint"]["params_sha256"]
+  assert rep2["counts"]["float"] == rep["counts"]["float"]
+  assert "pcdr" not in rep2 and len(rep["pcdr"]) > 0
+  assert rep2["checkpoint"]["params_sha256"] == rep["checkpoint"]["params_sha256"]
   # errors named clearly
   with pytest.raises(FileNotFoundError, match="checkpoint not found"):
     ev.main(["--config", _write_config(tmp_path, tmp_path / "nope.npz", data_dir),
@@ -206,6 +290,23 @@ def test_cli_end_to_end_npz(tmp_path, capsys):
   with pytest.raises(ValueError, match="kind='zeroshot' needs model_name='two_towers'"):
     ev.main(["--config", _write_config(tmp_path, ckpt, data_dir),
              "--workdir", str(workdir), "--config.evaluate.kind=zeroshot"])
+  # a PTQ setting through the CLI: the first calib_images training images with the
+  # evaluation preprocessing, identical whatever reads them
+  from s2d_jax.data import input_pipeline
+  fake = request.getfixturevalue("fake_ptq")
+  rep3 = ev.main(["--config", _write_config(tmp_path, ckpt, data_dir, pcdr=0,
+                                            settings="('float', 'Fake/W8A8')"),
+                  "--workdir", str(tmp_path / "ptq"), "--config.evaluate.calib_images=5",
+                  "--config.input.data.name=s2d_demo_shapes/tiny",
+                  "--config.input.data.split=train[:7]",
+                  "--config.input.data_dir", str(data_dir)])
+  assert rep3["settings"]["Fake/W8A8"]["calib_images"] == 5
+  first = next(input_pipeline.iterate_eval(
+      "s2d_demo_shapes/tiny", "train[:7]", preprocess='value_range(-1,1)|keep("image","label")',
+      batch_size=7, process_index=0, process_count=1, data_dir=str(data_dir)))
+  np.testing.assert_array_equal(fake.calls[-1][2], first["image"][:5])
+  assert json.load(open(tmp_path / "ptq" / "report.json"))["settings"]["Fake/W8A8"][
+      "method"] == "Fake"
   with pytest.raises(ValueError, match="unknown quant setting 'W9'"):
     ev.main(["--config", _write_config(tmp_path, ckpt, data_dir,
                                        settings="('float', 'W9')"),
@@ -243,3 +344,14 @@ def test_zeroshot_two_towers_quantizes_image_tower():
   assert r["counts"]["W4A4"]["correct"] == int(((np.asarray(qz) @ emb.T).argmax(-1)
                                                  == y).sum())
   assert not np.allclose(np.asarray(qz), zimg)  # the image tower was quantized
+
+
+def test_cli_help_lists_flags_and_an_example(capsys):
+  with pytest.raises(SystemExit) as e:
+    ev.main(["--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  for flag in ("--config", "--workdir", "--coordinator_address", "--num_processes",
+               "--process_id"):
+    assert flag in out
+  assert "python -m s2d_jax.evaluate --config" in out

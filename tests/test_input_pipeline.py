@@ -159,6 +159,26 @@ def test_eval_multi_process_covers_each_example_once(data_dir):
   assert sorted(seen) == ref
 
 
+def test_eval_global_batches_do_not_depend_on_the_process_count(data_dir):
+  """Process p's rows of global batch k are rows [p b, (p+1) b) of the one-process
+  batch k: concatenating the processes' batches gives the same global batches,
+  padding and masks included (47 examples, global batch 12 = 4 x 3 = 6 x 2)."""
+  pp = "value_range(0,1)|keep('image','label')"
+  kw = dict(preprocess=pp, data_dir=data_dir)
+  one = list(ip.iterate_eval(NAME, "test[:47]", batch_size=12, process_index=0,
+                             process_count=1, **kw))
+  assert len(one) == 4 and one[-1]["_mask"].tolist() == [1] * 11 + [0]
+  for procs in (2, 3):
+    parts = [list(ip.iterate_eval(NAME, "test[:47]", batch_size=12 // procs,
+                                  process_index=p, process_count=procs, **kw))
+             for p in range(procs)]
+    assert all(len(x) == 4 for x in parts)
+    for k, want in enumerate(one):
+      for key in ("image", "label", "_mask"):
+        got = np.concatenate([parts[p][k][key] for p in range(procs)])
+        np.testing.assert_array_equal(got, want[key], err_msg=f"{procs} {k} {key}")
+
+
 def test_variable_size_images_and_feature_renaming(data_dir):
   name = "s2d_test_var_images"
   kw = dict(batch_size=6, process_index=0, process_count=1, data_dir=data_dir,

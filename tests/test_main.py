@@ -4,8 +4,12 @@ import json
 import os
 
 import numpy as np
+import pytest
 
+from s2d_jax import config_utils
 from s2d_jax import main
+from s2d_jax import report
+from s2d_jax import train
 
 
 def test_main_job_tiny_end_to_end(tmp_path):
@@ -16,8 +20,11 @@ def test_main_job_tiny_end_to_end(tmp_path):
   assert list(rows) == ['AdamW', 'AdamW+S2D']
   for run, sub in (('AdamW', 'adamw'), ('AdamW+S2D', 's2d')):
     rep = json.load(open(os.path.join(wd, sub, 'report.json')))
-    for s in main.SETTINGS:
+    assert set(rep['accuracy']) == {'float', 'W8A8', 'W6A6', 'W4A4'}
+    for s in rep['accuracy']:
       assert rows[run][s] == rep['accuracy'][s]          # table = measured report
+    assert report.summarize(rep, list(rep['accuracy'])) == {
+        k: v for k, v in rows[run].items() if k != 'train_steps'}
     assert rows[run]['max_abs_act'] == max(v['max_abs'] for v in rep['layers'].values())
     assert rows[run]['sigma_max'] == max(v['sigma_max'] for v in rep['weights'].values())
     assert rows[run]['train_steps'] == 4
@@ -34,7 +41,19 @@ def test_main_job_tiny_end_to_end(tmp_path):
 
 
 def test_main_rejects_unknown_size(tmp_path):
-  import pytest
-  with pytest.raises(SystemExit):
+  with pytest.raises(config_utils.UsageError, match='size'):
     main.main(['--workdir', str(tmp_path), '--size', 'huge'])
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize('entry', [main, train])
+def test_help_lists_flags_and_an_example(entry, capsys):
+  with pytest.raises(SystemExit) as e:
+    entry.main(['--help'])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert f'python -m {entry.__name__}' in out and '--workdir' in out
+  if entry is train:
+    assert '--config' in out and '--coordinator_address' in out
+  else:
+    assert '--size' in out and '--seed' in out

@@ -360,3 +360,33 @@ def test_load_classifier_num_classes_conflict(tmp_path):
     siglip.load_classifier(params, 10, num_classes=5)
   m, p = siglip.load_classifier(params, 10, num_classes=10, variant="mu/8")
   assert m.num_classes == 10 and p["head"]["kernel"].shape == (32, 10)
+
+
+def test_two_towers_load_from_npz_converts_each_tower(tmp_path):
+  """two_towers.load (big_vision API): loop-layout towers into a scan model."""
+  from s2d_jax.models import checkpoint as ckpt_lib
+  from s2d_jax.models import two_towers
+  cfg = dict(image=dict(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=(4, 4),
+                        pool_type="map"),
+             text=dict(width=16, depth=1, mlp_dim=32, num_heads=2, vocab_size=20),
+             out_dim=(None, 16), temperature_init=10.0, bias_init=-10.0)
+  x, tok = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 5), jnp.int32)
+  loop = two_towers.Model(**cfg)
+  p = jax.device_get(loop.init(jax.random.PRNGKey(0), x, tok)["params"])
+  npz = str(tmp_path / "tt.npz")
+  siglip.save(npz, p)
+  scan_cfg = dict(cfg, image=dict(cfg["image"], scan=True),
+                  text=dict(cfg["text"], scan=True))
+  model = two_towers.Model(**scan_cfg)
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, tok)["params"]
+  got = two_towers.load(abstract, npz, scan_cfg)
+  assert jax.tree.structure(got) == jax.tree.structure(
+      jax.tree.map(lambda a: 0, abstract))
+  want = ckpt_lib.pyloop_to_scan(p["txt"]["Encoder_0"])["encoderblock"]
+  np.testing.assert_array_equal(
+      got["txt"]["Encoder_0"]["encoderblock"]["MlpBlock_0"]["Dense_1"]["kernel"],
+      want["MlpBlock_0"]["Dense_1"]["kernel"])
+  np.testing.assert_array_equal(got["t"], p["t"])
+  z1 = jax.jit(model.apply)({"params": got}, x, tok)[0]
+  z0 = jax.jit(loop.apply)({"params": p}, x, tok)[0]
+  np.testing.assert_allclose(z1, z0, rtol=1e-5, atol=1e-6)

@@ -402,3 +402,36 @@ def test_full_size_param_shapes_eval_shape(variant, res, pool, ncls, known):
   assert n == vit_param_count(width, depth, mlp, patch, n_tok, map_head=pool == "map",
                               num_classes=ncls or 0, cls=pool == "tok")
   assert abs(n - known) / known < 0.01, (variant, n)
+
+
+def test_load_from_npz_converts_layout_resamples_posemb_and_keeps_dont_load(tmp_path):
+  """vit.load (big_vision API): the image tower of a two-towers npz, loop layout at
+  another resolution, into a scan model; the head keeps the init values."""
+  from s2d_jax.models import checkpoint as ckpt_lib
+  from s2d_jax.models import siglip
+  kw = dict(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=(4, 4),
+            pool_type="map")
+  src = vit.Model(5, scan=False, **kw)
+  p_src = jax.device_get(src.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3)))["params"])
+  npz = str(tmp_path / "towers.npz")
+  siglip.save(npz, {"img": p_src, "t": np.zeros((1,), np.float32)})
+  dst = vit.Model(3, scan=True, **kw)
+  init = jax.device_get(dst.init(jax.random.PRNGKey(2), jnp.zeros((1, 16, 16, 3)))["params"])
+  got = vit.load(init, npz, {"scan": True, **kw}, dont_load=("head/.*",))
+  assert jax.tree.structure(got) == jax.tree.structure(init)
+  np.testing.assert_array_equal(got["head"]["kernel"], init["head"]["kernel"])
+  stacked = ckpt_lib.pyloop_to_scan(p_src["Transformer"])["encoderblock"]
+  np.testing.assert_array_equal(
+      got["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"],
+      stacked["MlpBlock_0"]["Dense_0"]["kernel"])
+  np.testing.assert_allclose(got["pos_embedding"], ckpt_lib.resample_posemb(
+      p_src["pos_embedding"], init["pos_embedding"].shape), rtol=1e-6)
+  assert got["pos_embedding"].shape == (1, 16, 16)
+  # without dont_load the checkpoint head must fit; a model of another size is named
+  abstract = jax.eval_shape(dst.init, jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+  with pytest.raises(ValueError, match="shape mismatch for 'head/bias'"):
+    vit.load(abstract["params"], npz, {"scan": True})
+  wide = vit.Model(3, scan=True, **{**kw, "mlp_dim": 48})
+  winit = jax.eval_shape(wide.init, jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+  with pytest.raises(ValueError, match="shape mismatch for 'MAPHead_0/MlpBlock_0"):
+    vit.load(winit["params"], npz, {"scan": True}, dont_load=("head/.*",))

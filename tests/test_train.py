@@ -11,6 +11,9 @@ import pytest
 from s2d_jax import checkpointing
 from s2d_jax import config_utils as cu
 from s2d_jax import metrics
+from s2d_jax import parallel
+from s2d_jax import spectral
+from s2d_jax import tasks
 from s2d_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,7 +127,7 @@ def test_resume_after_crash_is_exact(data_dir, tmp_path):
 def test_model_init_from_big_vision_npz(data_dir, tmp_path):
   from s2d_jax.models import siglip
   c = _config(data_dir, total_steps=1, lr=1e-9)
-  model = train.build_model(c)
+  model = tasks.get(c).build(c)
   p = model.init(jax.random.PRNGKey(7), np.zeros((1, 16, 16, 3), np.float32))['params']
   p = jax.tree.map(lambda x: np.asarray(x) + 0.01, p)
   npz = str(tmp_path / 'init.npz')
@@ -170,32 +173,104 @@ def test_startup_errors_write_nothing(data_dir, tmp_path):
 
 
 def test_fsdp_spec_and_mesh():
-  assert train.fsdp_spec((8, 6), 2) == jax.sharding.PartitionSpec('fsdp', None) or \
-      train.fsdp_spec((8, 6), 2) == jax.sharding.PartitionSpec(None, 'fsdp')
-  assert train.fsdp_spec((8, 6), 4) == jax.sharding.PartitionSpec('fsdp', None)
-  assert train.fsdp_spec((3, 5), 2) == jax.sharding.PartitionSpec()
-  assert train.fsdp_spec((), 2) == jax.sharding.PartitionSpec()
-  m = train.make_mesh(2)
+  assert parallel.fsdp_spec((8, 6), 2) == jax.sharding.PartitionSpec('fsdp', None)
+  assert parallel.fsdp_spec((6, 8), 2) == jax.sharding.PartitionSpec(None, 'fsdp')
+  assert parallel.fsdp_spec((8, 6), 4) == jax.sharding.PartitionSpec('fsdp', None)
+  assert parallel.fsdp_spec((3, 5), 2) == jax.sharding.PartitionSpec()
+  assert parallel.fsdp_spec((), 2) == jax.sharding.PartitionSpec()
+  m = parallel.make_mesh(2)
   assert dict(m.shape) == {'data': jax.device_count() // 2, 'fsdp': 2}
   with pytest.raises(ValueError, match='mesh.fsdp=3'):
-    train.make_mesh(3)
+    parallel.make_mesh(3)
 
 
 def test_weight_decay_mask_and_losses():
   p = {'Dense_0': {'kernel': np.zeros((2, 3)), 'bias': np.zeros(3)},
        'LayerNorm_0': {'scale': np.zeros(3)}, 'pos_embedding': np.zeros((1, 4, 3))}
-  m = train.weight_decay_mask(p)
+  m = spectral.kernel_mask(p)
   assert m == {'Dense_0': {'kernel': True, 'bias': False},
                'LayerNorm_0': {'scale': False}, 'pos_embedding': False}
   logits = np.array([[2.0, 0.0, -1.0]], np.float32)
   lab = np.array([0])
   ls = np.log(np.exp(logits).sum())
-  np.testing.assert_allclose(train.softmax_xent(logits, lab, 3), ls - 2.0, rtol=1e-6)
+  np.testing.assert_allclose(tasks.softmax_xent(logits, lab, 3), ls - 2.0, rtol=1e-6)
   y = np.array([[1., 0., 0.]])
   ref = -np.sum(y * np.log(1 / (1 + np.exp(-logits))) +
                 (1 - y) * np.log(1 / (1 + np.exp(logits))))
-  np.testing.assert_allclose(train.sigmoid_xent(logits, lab, 3), ref, rtol=1e-6)
+  np.testing.assert_allclose(tasks.sigmoid_xent(logits, lab, 3), ref, rtol=1e-6)
   sm = 0.1
   ysm = np.array([[1 - sm + sm / 3, sm / 3, sm / 3]])
   ref2 = -np.sum(ysm * (logits - ls))
-  np.testing.assert_allclose(train.softmax_xent(logits, lab, 3, sm), ref2, rtol=1e-6)
+  np.testing.assert_allclose(tasks.softmax_xent(logits, lab, 3, sm), ref2, rtol=1e-6)
+
+
+def test_train_step_is_one_exact_optimizer_step():
+  """Module-level train_step on a linear model with SGD: the update, loss and
+  grad_norm are the closed forms."""
+  import jax.numpy as jnp
+  import optax
+  w = np.array([[1.0, -2.0], [0.5, 3.0]], np.float32)
+  x = np.array([[1.0, 2.0], [-1.0, 0.5], [0.0, 1.0]], np.float32)
+  t = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, -1.0]], np.float32)
+
+  def apply_fn(variables, xb, train, rngs):
+    assert train and 'dropout' in rngs
+    return (xb @ variables['params']['kernel'],)
+
+  def loss_fn(out, batch):
+    return jnp.mean((out[0] - batch['target']) ** 2), {'acc': jnp.float32(0.5)}
+
+  lr = 0.1
+  params, opt, m = jax.jit(lambda p, o, b, s: train.train_step(
+      p, o, b, s, apply_fn=apply_fn, loss_fn=loss_fn, inputs=('image',),
+      tx=optax.sgd(lr), rng=jax.random.PRNGKey(0)))(
+          {'kernel': w}, optax.sgd(lr).init({'kernel': w}),
+          {'image': x, 'target': t}, jnp.int32(3))
+  r = x @ w - t
+  grad = 2 * x.T @ r / r.size
+  np.testing.assert_allclose(m['loss'], np.mean(r ** 2), rtol=1e-6)
+  np.testing.assert_allclose(m['grad_norm'], np.linalg.norm(grad), rtol=1e-6)
+  np.testing.assert_allclose(params['kernel'], w - lr * grad, rtol=1e-6)
+  assert float(m['acc']) == 0.5
+
+
+def test_chrono_steps_per_second_and_eta():
+  times = iter([0.0, 10.0, 12.0, 16.0])
+  c = metrics.Chrono(total_steps=100, clock=lambda: next(times))   # t=0
+  c.start(1)                                  # t=10: step 1 done (compile excluded)
+  assert c.report(5) == {'steps_per_sec': 2.0, 'eta_s': 95 / 2.0}   # t=12
+  r = c.report(9)                                                    # t=16
+  assert r['steps_per_sec'] == 1.0 and r['eta_s'] == 91 / (8 / 6)
+  line = metrics.format_line({'step': 9, 'total_steps': 100, 'loss': 0.5,
+                              'eta_s': 3725.0})
+  assert line == 'step 9/100 | loss 0.5000 | ETA 1h02m05s'
+
+
+def test_metric_writer_writes_tensorboard_events(tmp_path):
+  import tensorflow as tf
+  w = metrics.MetricWriter(str(tmp_path / 'm.jsonl'), stream=None,
+                           tb_dir=str(tmp_path / 'tb'))
+  w.write(3, {'loss': 1.5, 'note': [1, 2]})
+  w.write(4, {'loss': 0.25})
+  w.close()
+  got = []
+  for f in os.listdir(tmp_path / 'tb'):
+    for e in tf.compat.v1.train.summary_iterator(str(tmp_path / 'tb' / f)):
+      for v in e.summary.value:
+        if v.tag == 'loss':
+          got.append((e.step, float(tf.make_ndarray(v.tensor))))
+  assert got == [(3, 1.5), (4, 0.25)]
+  assert [r['loss'] for r in metrics.read_metrics(str(tmp_path / 'm.jsonl'))] == [1.5, 0.25]
+
+
+def test_export_npz_equals_the_params(tmp_path):
+  mesh = parallel.make_mesh(2)
+  p = {'a': {'kernel': np.arange(24, dtype=np.float32).reshape(4, 6)},
+       'b': np.float32(3.0) * np.ones((3,), np.float32)}
+  g = parallel.put(p, parallel.tree_shardings(p, mesh))
+  assert not g['a']['kernel'].sharding.is_fully_replicated
+  path = train.export_npz(g, str(tmp_path / 'p.npz'))
+  z = np.load(path)
+  assert sorted(z.files) == ['params/a/kernel', 'params/b']
+  np.testing.assert_array_equal(z['params/a/kernel'], p['a']['kernel'])
+  np.testing.assert_array_equal(z['params/b'], p['b'])

@@ -315,3 +315,26 @@ def build(data_dir: str, config: str | ShapesConfig = "default",
       download_config=tfds.download.DownloadConfig(
           compute_stats=tfds.download.ComputeStatsMode.SKIP))
   return builder
+
+
+def caption_tokenizer(builder: tfds.core.DatasetBuilder, prefix: str) -> str:
+  """A SentencePiece word model over the training captions (pad 0, unk 1, eos 2).
+
+  Writes `prefix.model` / `prefix.vocab` (atomically: temporary names, then rename)
+  and returns the model path; an existing model is reused.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  if os.path.exists(prefix + ".model"):
+    return prefix + ".model"
+  captions = [ex["caption"].decode() for ex in tfds.as_numpy(
+      builder.as_dataset(split="train"))]
+  words = sorted({w for c in captions for w in c.lower().split()})
+  tmp = prefix + ".tmp"
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(captions), model_prefix=tmp, model_type="word",
+      vocab_size=len(words) + 3, pad_id=0, unk_id=1, eos_id=2, bos_id=-1,
+      normalization_rule_name="nmt_nfkc_cf", minloglevel=2)
+  for ext in (".model", ".vocab"):
+    os.replace(tmp + ext, prefix + ext)
+  return prefix + ".model"

@@ -29,10 +29,14 @@ reproducible too: every example carries the stateless seed
 ``'_rng' = fold_in(fold_in((seed, p), e), i)`` that
 :mod:`s2d_jax.models.preprocess` random ops consume.
 
-Evaluation. :func:`get_eval_dataset` reads the shard in order, pads it with
-all-zero examples to ``k * b`` where ``k = ⌈max_p n_p / b⌉``
-(the same number of batches on every process, as multi-host ``jit`` needs) and
-adds ``'_mask'`` (1 = real example, 0 = padding).
+Evaluation. :func:`get_eval_dataset` reads the split in order; with global batch
+``G = b * P``, global batch ``k`` is examples ``[k G, (k+1) G)`` and process ``p``
+gets its rows ``[k G + p b, k G + (p+1) b)``, so global batch ``k`` holds the same
+examples whatever the number of processes (an evaluation gives the same report on
+1 or N processes). The split is padded with all-zero examples to ``K * G``,
+``K = ⌈n / G⌉`` (the same number of batches on every process, as multi-host ``jit``
+needs), and ``'_mask'`` marks real examples (1) and padding (0). Every process
+reads (not decodes) the whole split to pick its rows.
 """
 
 from __future__ import annotations
@@ -255,25 +259,29 @@ def get_eval_dataset(name: str, split: str, *, preprocess: str | Callable | None
                      features: Mapping[str, str] | None = None,
                      num_parallel_calls: int = AUTOTUNE, prefetch: int = 2
                      ) -> tuple[tf.data.Dataset, int]:
-  """One pass over this process's shard, padded, with ``'_mask'``.
+  """One pass over this process's rows of every global batch, padded, with ``'_mask'``.
+
+  ``batch_size`` is per process (``b``); see the module docstring for which rows
+  process ``p`` gets. Random preprocessing ops get the stateless seed
+  ``fold_in(seed, i)`` of the example's index ``i`` in the split (the same on any
+  number of processes).
 
   Returns:
     ``(dataset, num_batches)``; every process gets the same ``num_batches``
-    (``⌈max_p n_p / batch_size⌉``, at least 1); padding examples are all
-    zeros with ``_mask = 0``.
+    (``⌈n / (b P)⌉``, at least 1); padding examples are all zeros with
+    ``_mask = 0``.
   """
   process_index, process_count = _process(process_index, process_count)
   local = _local_batch(batch_size)
   builder = get_builder(name, data_dir)
-  n, raw = _raw(builder, split, process_index=process_index,
-                process_count=process_count, drop_remainder=False,
-                features=features)
-  sizes = [builder.info.splits[tfds.split_for_jax_process(
-      split, process_index=p, process_count=process_count)].num_examples
-           for p in range(process_count)]
-  num_batches = max(1, math.ceil(max(sizes) / local))
+  n, raw = _raw(builder, split, process_index=0, process_count=1,
+                drop_remainder=False, features=features)
+  glob = local * process_count
+  num_batches = max(1, math.ceil(n / glob))
+  lo = process_index * local
+  mine = sum(max(0, min(n - k * glob - lo, local)) for k in range(num_batches))
   pp_fn = preprocess if callable(preprocess) else pp_lib.get_preprocess_fn(preprocess)
-  base = _seed2(seed, process_index)
+  base = _seed2(seed, 0)
 
   def prep(i, ex):
     ex = dict(ex)
@@ -284,13 +292,15 @@ def get_eval_dataset(name: str, split: str, *, preprocess: str | Callable | None
     ex[MASK_KEY] = tf.constant(1, tf.int32)
     return ex
 
-  ds = raw.enumerate().map(prep, num_parallel_calls=num_parallel_calls,
-                           deterministic=True)
+  ds = raw.enumerate()
+  if process_count > 1:
+    ds = ds.filter(lambda i, ex: (i % glob) // local == process_index)
+  ds = ds.map(prep, num_parallel_calls=num_parallel_calls, deterministic=True)
   _check_static_shapes(ds, f"get_eval_dataset({name!r}, {split!r})")
   pad = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype),
                               ds.element_spec)
   pad[MASK_KEY] = tf.constant(0, tf.int32)
-  n_pad = num_batches * local - n
+  n_pad = num_batches * local - mine
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(n_pad))
   ds = ds.batch(local, drop_remainder=True)
   return ds.prefetch(prefetch), num_batches

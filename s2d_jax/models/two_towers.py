@@ -113,3 +113,31 @@ def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, t: jax.Array,
     logits = logits + b
   labels = 2 * jnp.eye(zimg.shape[0], dtype=logits.dtype) - 1
   return jnp.mean(-jnp.sum(jax.nn.log_sigmoid(labels * logits), axis=-1))
+
+
+def load(init_params: Any, init_file: str, model_cfg: Any = None,
+         dont_load=()) -> dict:
+  """Params of a two-towers model from a big_vision SigLIP npz (big_vision API).
+
+  As `vit.load` for each tower: the layout of `img/` and `txt/` is converted to
+  `model_cfg['image' | 'text']['scan']`, the image position embedding resampled to
+  `init_params`', and `dont_load` regexes (full match on 'img/head/kernel'-style
+  paths) keep `init_params`' values. Returns host numpy arrays.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from s2d_jax.models import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  cfg = dict(model_cfg or {})
+  params = dict(ckpt_lib.load_params(init_file))
+  for tower, key in (("img", "image"), ("txt", "text")):
+    if tower in params:
+      scan = bool(dict(cfg.get(key) or {}).get("scan", False))
+      params[tower] = ckpt_lib.convert_layout(params[tower], scan, tower)
+  pe = init_params.get("img", {}).get("pos_embedding")
+  if pe is not None and "pos_embedding" in params.get("img", {}):
+    old = params["img"]["pos_embedding"]
+    if np.shape(old) != tuple(pe.shape) and np.shape(old)[2:] == tuple(pe.shape)[2:]:
+      params["img"] = {**params["img"],
+                       "pos_embedding": ckpt_lib.resample_posemb(old, pe.shape)}
+  init = init_params if ckpt_lib.compile_patterns(dont_load) else None
+  merged = ckpt_lib.merge_params(params, init_params, dont_load, init)
+  return jax.tree.map(vit._host, merged)  # pylint: disable=protected-access

@@ -331,3 +331,48 @@ def Model(num_classes: Optional[int] = None, *, variant: Optional[str] = None,
           **kw) -> _Model:  # pylint: disable=invalid-name
   """ViT factory: `Model(1000, variant="B/16", pool_type="map")`; kw override the variant."""
   return _Model(num_classes, **{**decode_variant(variant), **kw})
+
+
+def load(init_params: Any, init_file: str, model_cfg: Any = None,
+         dont_load: Sequence[str] = ()) -> dict:
+  """Params of a ViT from a big_vision npz, merged into `init_params` (big_vision API).
+
+  `init_file` is a ViT npz or a two-towers (SigLIP) npz, whose image tower `img/` is
+  taken (a `file.npz:sub/tree` suffix selects a subtree explicitly). The checkpoint's
+  layout (loop / scan) is converted to `model_cfg['scan']`, a learned position
+  embedding of another grid is resampled bilinearly to `init_params`' (big_vision's
+  `resample_posemb`), and leaves whose path fully matches a `dont_load` regex keep their
+  value from `init_params` (e.g. `head/.*` for a new classifier head). Every other
+  leaf of `init_params` must be in the file with the same shape: a CheckpointError
+  names the missing, unexpected or reshaped key. `init_params` may be abstract
+  (`jax.ShapeDtypeStruct`s) when nothing is excluded. Returns host numpy arrays.
+  """
+  from s2d_jax.models import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  params = ckpt_lib.load_params(init_file)
+  if "img" in params:
+    params = params["img"]
+  elif not ("embedding" in params and "Transformer" in params):
+    raise ckpt_lib.CheckpointError(
+        f"{init_file}: no image tower: expected an 'img' subtree or a ViT tree with "
+        f"'embedding' and 'Transformer' (top-level keys: {sorted(params)})")
+  return _merge_into(params, init_params, model_cfg, dont_load, "img")
+
+
+def _merge_into(params, init_params, model_cfg, dont_load, where: str) -> dict:
+  """Layout conversion, posemb resampling and the merge shared by the `load`s."""
+  from s2d_jax.models import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  scan = bool(dict(model_cfg or {}).get("scan", False))
+  params = ckpt_lib.convert_layout(params, scan, where)
+  pe = init_params.get("pos_embedding") if hasattr(init_params, "get") else None
+  if pe is not None and "pos_embedding" in params:
+    old = params["pos_embedding"]
+    if np.shape(old) != tuple(pe.shape) and np.shape(old)[2:] == tuple(pe.shape)[2:]:
+      params = {**params, "pos_embedding": ckpt_lib.resample_posemb(old, pe.shape)}
+  init = init_params if ckpt_lib.compile_patterns(dont_load) else None
+  merged = ckpt_lib.merge_params(params, init_params, dont_load, init)
+  return jax.tree.map(_host, merged)
+
+
+def _host(x):
+  """numpy for loaded values; abstract leaves (not loaded, no value) stay abstract."""
+  return x if isinstance(x, jax.ShapeDtypeStruct) else np.asarray(x)
