@@ -1,4 +1,4 @@
-"""The main job end to end at the reduced size (`--size tiny`)."""
+"""The main job: end to end at the reduced size (`--size tiny`), its summary helpers."""
 
 import json
 import os
@@ -8,41 +8,110 @@ import pytest
 
 from s2d_jax import config_utils
 from s2d_jax import main
-from s2d_jax import report
 from s2d_jax import train
+
+TINY_SETTINGS = ['float', 'W8A8-static', 'W4A4-static']
+
+
+def _report(acc, max_abs=1.0, sigma=2.0, pcdr1=0.5):
+  """A minimal report.json: one activation, one kernel, a zero head (start model)."""
+  return dict(
+      accuracy=acc,
+      layers={'Transformer/encoderblock_0/MlpBlock_0/Dense_1/input': dict(
+          max_abs=max_abs, top1_median_ratio=10 * max_abs, kurtosis=3.0)},
+      weights={'Transformer/encoderblock_0/MlpBlock_0/Dense_0': dict(sigma_max=sigma),
+               'head': dict(sigma_max=0.0)},
+      pcdr={'Transformer/encoderblock_0/MlpBlock_0/Dense_0': [pcdr1, 0.9, 1.0]})
+
+
+def test_aggregate_mean_std_delta_and_layers():
+  """Hand-computed means, sample stds, drops, deltas and per-layer seed means."""
+  acc = lambda f, q: {'float': f, 'W4A4-static': q}
+  reports = {'AdamW': [_report(acc(0.9, 0.8), 10.0, 4.0), _report(acc(0.8, 0.6), 20.0, 6.0)],
+             'AdamW+S2D': [_report(acc(0.9, 0.9), 5.0, 2.0, 0.1),
+                           _report(acc(0.7, 0.6), 7.0, 3.0, 0.3)]}
+  res = main.aggregate(_report(acc(0.1, 0.1), 30.0, 8.0, 0.7), reports,
+                       ['float', 'W4A4-static'], [3, 4])
+  assert res['seeds'] == [3, 4] and res['settings'] == ['float', 'W4A4-static']
+  a = res['runs']['AdamW']['accuracy']['W4A4-static']
+  assert a['per_seed'] == [0.8, 0.6]
+  assert a['mean'] == pytest.approx(0.7) and a['std'] == pytest.approx(np.sqrt(0.02))
+  d = res['runs']['AdamW']['drop']['W4A4-static']
+  assert d['per_seed'] == pytest.approx([0.1, 0.2]) and d['mean'] == pytest.approx(0.15)
+  assert 'float' not in res['runs']['AdamW']['drop']
+  assert res['delta']['W4A4-static'] == pytest.approx(0.75 - 0.7)
+  assert res['delta']['float'] == pytest.approx(0.8 - 0.85)
+  lay = res['layers']['Transformer/encoderblock_0/MlpBlock_0/Dense_1/input']
+  assert lay['start'] == dict(max_abs=30.0, max_median=300.0, kurtosis=3.0)
+  assert lay['AdamW']['max_abs']['mean'] == pytest.approx(15.0)
+  assert lay['AdamW+S2D']['max_median']['per_seed'] == [50.0, 70.0]
+  k = res['kernels']['Transformer/encoderblock_0/MlpBlock_0/Dense_0']
+  assert k['start'] == dict(sigma_max=8.0, pcdr1=0.7)
+  assert k['AdamW+S2D']['pcdr1']['mean'] == pytest.approx(0.2)
+  assert 'head' not in res['kernels']   # the start model's head is a new zero head
+  head = main.headline(res)
+  assert head['start']['sigma_max'] == 8.0 and head['AdamW']['sigma_max'] == 5.0
+  assert head['AdamW+S2D']['max_abs'] == pytest.approx(6.0)
+  table = main.format_table(res)
+  assert '| W4A4-static' in table and '70.00 ± 14.14' in table and '+5.00' in table
+
+
+def test_mean_std_one_seed_has_zero_std():
+  assert main.mean_std([0.5]) == dict(per_seed=[0.5], mean=0.5, std=0.0)
+
+
+def test_default_start_is_the_shipped_npz(tmp_path):
+  """Without --pretrain the default size starts from the asset, untouched."""
+  out = main.start_model(str(tmp_path), 'default', False, None, '', '')
+  assert out['source'] == 'shipped' and out['npz'] == main.asset(main.ASSET_NPZ)
+  assert out['sha256'] == main.sha256(out['npz']) and os.path.exists(out['spm'])
+  assert not os.listdir(tmp_path)
 
 
 def test_main_job_tiny_end_to_end(tmp_path):
   wd = str(tmp_path / 'main')
-  out = main.main(['--workdir', wd, '--size', 'tiny', '--pretrain_steps', '6',
-                   '--finetune_steps', '4'])
-  rows = out['rows']
-  assert list(rows) == ['AdamW', 'AdamW+S2D']
+  out = main.main(['--workdir', wd, '--size', 'tiny', '--pretrain_steps', '4',
+                   '--finetune_steps', '3', '--seeds', '1', '--seed', '5'])
+  res = out['results']
+  assert list(res['runs']) == ['AdamW', 'AdamW+S2D'] and res['seeds'] == [5]
+  assert res['settings'] == TINY_SETTINGS
+  saved = json.load(open(os.path.join(wd, 'results.json')))
+  assert saved['runs'] == json.loads(json.dumps(res['runs']))
   for run, sub in (('AdamW', 'adamw'), ('AdamW+S2D', 's2d')):
-    rep = json.load(open(os.path.join(wd, sub, 'report.json')))
-    assert set(rep['accuracy']) == {'float', 'W8A8', 'W6A6', 'W4A4'}
-    for s in rep['accuracy']:
-      assert rows[run][s] == rep['accuracy'][s]          # table = measured report
-    assert report.summarize(rep, list(rep['accuracy'])) == {
-        k: v for k, v in rows[run].items() if k != 'train_steps'}
-    assert rows[run]['max_abs_act'] == max(v['max_abs'] for v in rep['layers'].values())
-    assert rows[run]['sigma_max'] == max(v['sigma_max'] for v in rep['weights'].values())
-    assert rows[run]['train_steps'] == 4
-  # the pre-trained model is a big_vision two-towers npz with both towers
+    reps = [json.load(open(os.path.join(wd, sub, 'seed5', 'report.json')))]
+    for s in TINY_SETTINGS:
+      acc = saved['runs'][run]['accuracy'][s]
+      per_seed = [r['accuracy'][s] for r in reps]         # table = measured reports
+      assert acc['per_seed'] == per_seed
+      assert acc['mean'] == per_seed[0] and acc['std'] == 0.0   # 2 seeds: above
+    layer = 'Transformer/encoderblock_1/MlpBlock_0/Dense_1/input'
+    assert saved['layers'][layer][run]['max_abs']['per_seed'] == [
+        r['layers'][layer]['max_abs'] for r in reps]
+    assert saved['train_steps'][run] == 3
+  for s in TINY_SETTINGS:
+    assert saved['delta'][s] == pytest.approx(
+        saved['runs']['AdamW+S2D']['accuracy'][s]['mean']
+        - saved['runs']['AdamW']['accuracy'][s]['mean'])
+  # the starting model: pre-trained (tiny has no shipped npz), both towers, measured
+  assert saved['start_model']['source'] == 'pretrained'
   z = np.load(os.path.join(wd, 'pretrain', 'params.npz'))
   assert any(k.startswith('params/img/') for k in z.files)
   assert any(k.startswith('params/txt/') for k in z.files)
+  start = json.load(open(os.path.join(wd, 'start', 'report.json')))
+  assert saved['layers'][layer]['start']['max_abs'] == start['layers'][layer]['max_abs']
+  assert set(saved['versions']) >= {'jax', 'flax', 'optax', 'tensorflow'}
+  assert saved['cpu_s'] > 0 and saved['wall_s'] > 0
   for name in ('accuracy.png', 'max_act.png', 'kurtosis.png', 'sigma_max.png'):
     assert os.path.getsize(os.path.join(wd, 'plots', name)) > 0
   table = open(os.path.join(wd, 'results.md')).read()
-  assert 'AdamW+S2D' in table and 'W4A4' in table and 'σ_max' in table
-  assert json.load(open(os.path.join(wd, 'results.json')))['rows'] == json.loads(
-      json.dumps(rows))
+  assert out['table'] in table and 'W4A4-static' in table and 'σ_max' in table
 
 
-def test_main_rejects_unknown_size(tmp_path):
+def test_main_rejects_unknown_size_and_no_seeds(tmp_path):
   with pytest.raises(config_utils.UsageError, match='size'):
     main.main(['--workdir', str(tmp_path), '--size', 'huge'])
+  with pytest.raises(config_utils.UsageError, match='seeds'):
+    main.main(['--workdir', str(tmp_path), '--seeds', '0'])
   assert not os.listdir(tmp_path)
 
 
@@ -56,4 +125,4 @@ def test_help_lists_flags_and_an_example(entry, capsys):
   if entry is train:
     assert '--config' in out and '--coordinator_address' in out
   else:
-    assert '--size' in out and '--seed' in out
+    assert '--size' in out and '--seeds' in out and '--pretrain' in out
