@@ -212,9 +212,11 @@ def s2d(
     init_iters: subspace iterations run by ``init`` on the initial params so
       that the first step starts from good estimates (0: random bases, sigma 0).
     seed: seed of the deterministic initial bases (same on every host/replica).
-    strategy: how products with multi-matrix (scan-layout) leaves run:
-      ``'batched'`` (one batched matmul), ``'map'`` (one matrix at a time), or
-      ``'auto'``: ``'map'`` on CPU, ``'batched'`` on GPU/TPU.
+    strategy: how the products with the kernels run: ``'batched'`` (kernels
+      of one role stacked, one batched matmul each; compiled size flat in
+      depth), ``'per_kernel'`` (no copies, separate matmuls), or ``'auto'``:
+      ``'per_kernel'`` on CPU, ``'batched'`` on GPU/TPU. See "Shape groups
+      and backends" in :mod:`s2d_jax.spectral`.
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`S2DState`.

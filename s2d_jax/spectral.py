@@ -42,7 +42,7 @@ For one matrix ``W`` (m, n), let ``M = W`` if ``n <= m`` and ``M = W^T``
 otherwise, so ``M`` is ``(p, q)`` with ``q = min(m, n)``; the state keeps the
 basis ``Q`` (q, K) of the *smaller* side (right singular vectors of ``M``),
 stored as K rows. One iteration (block power / orthogonal iteration on
-``M^T M``; ``qr`` is Gram-Schmidt applied twice, fine for small K) is::
+``M^T M``; ``qr`` is a thin Householder QR) is::
 
     U_z R_z = qr(M Q)              (p, K)   left subspace
     V_y R_y = qr(M^T U_z)          (q, K)   right subspace, becomes the new Q
@@ -65,7 +65,43 @@ Degenerate inputs: ``K`` larger than ``min(m, n)`` is clamped per kernel to
 ``K_eff = min(K, m, n)`` (the missing singular values are 0 by definition);
 rank-deficient matrices give exact zeros for the missing ``sigma_i`` (QR keeps
 the bases orthonormal); for an all-zero or non-finite matrix the previous basis
-is kept, ``ok`` is False and callers add no term.
+is kept, ``ok`` is False and callers add no term. A kernel with no entries
+(e.g. ``(0, 5)``) is rejected by name.
+
+Shape groups and backends
+-------------------------
+Kernels whose matrices ``M`` share a shape ``(p, q)`` form a group
+(:func:`group_kernels`; a ``(768, 3072)`` and a ``(3072, 768)`` kernel share
+``'3072x768'``) and are tracked together by :func:`track_group`: one stacked
+basis ``(N, K, q)`` for the group's ``N`` matrices, and one batched QR, one
+batched ``K x K`` SVD and one set of elementwise ops per group and iteration,
+whatever the depth. Only the products with ``W`` (and each kernel's final
+rank-K term) touch individual kernels; ``strategy`` says how:
+
+* ``'batched'`` (default on GPU/TPU): loop-layout kernels of one role (equal
+  views, e.g. every block's ``MlpBlock_0/Dense_0``) are stacked into one
+  operand, and each operand (a stack, or a scan-layout leaf with its layer
+  axis) gets one batched matmul per product. The compiled update then has a
+  fixed number of matmuls per group, and its size does not grow with depth
+  (``tests/test_s2d_scale.py``). The stacking is one extra read and write of
+  those kernels per step: negligible in HBM next to a training step, and
+  cheaper than ~8 tiny kernel launches per kernel per step. Kernels of one
+  role are sharded alike under FSDP, so the stack needs no collective.
+* ``'per_kernel'`` (default on CPU): each kernel's products are computed on
+  the kernel itself, no copies; a scan-layout leaf is processed one layer at
+  a time (``lax.map``). Measured on XLA:CPU (2 cores, ViT-B/16 shapes):
+  stacking costs ~4 ms per (768, 3072) kernel and step (the copy runs at
+  memcpy speed, slower than the products), and a batched matmul over a scan
+  stack was 1.6x slower than ``lax.map`` over it; but each separate matmul is
+  its own compiled XLA:CPU kernel (~50-100 ms of compile time each, never
+  shared), so in loop layout compile time grows with depth (~75 ms per
+  kernel). ``benchmarks/s2d_overhead.py`` reports both strategies.
+
+Each kernel's term reads its slice of the group's results through a runtime
+offset (``S2DState.offset``), so the per-kernel fused code is identical for
+all kernels of one shape and XLA compiles it once (XLA deduplicates identical
+fused computations; distinct constant offsets cost ~15-25 ms of XLA:CPU
+compile time per kernel).
 """
 
 from __future__ import annotations
@@ -389,7 +425,7 @@ def kernel_mask(params: Any, exclude: Sequence[str] = (),
 # Shape groups.
 # ----------------------------------------------------------------------------
 
-STRATEGIES: tuple[str, ...] = ("auto", "batched", "map", "per_kernel")
+STRATEGIES: tuple[str, ...] = ("auto", "batched", "per_kernel")
 
 
 def default_strategy(backend: Optional[str] = None) -> str:
@@ -399,7 +435,7 @@ def default_strategy(backend: Optional[str] = None) -> str:
   measurements behind the choice.
   """
   backend = jax.default_backend() if backend is None else backend
-  return "map" if backend == "cpu" else "batched"
+  return "per_kernel" if backend == "cpu" else "batched"
 
 
 def _resolve_strategy(strategy: str) -> str:
@@ -637,7 +673,7 @@ def track_group(group: KernelGroup, leaves: Sequence[jax.Array], basis: jax.Arra
     leaves: the members' leaves (any float dtype), shapes ``member.view.shape``.
     basis: the group's stored basis ``(N, k, q)``, orthonormal rows.
     iters: subspace iterations (int, may be traced).
-    strategy: ``'auto'``, ``'batched'`` or ``'map'`` (module docstring).
+    strategy: ``'auto'``, ``'batched'`` or ``'per_kernel'`` (module docstring).
 
   Returns:
     :class:`GroupTracked`; for an invalid (non-finite) matrix ``u, s, v`` are
@@ -761,21 +797,36 @@ def group_terms(group: KernelGroup, t: GroupTracked, coef: jax.Array,
   """Per member, ``sum_i coef_i u_i v_i^T`` in its matrix view ``(*batch, rows, cols)``.
 
   ``coef`` is ``(N, k)``. The group's small per-matrix factors are packed as
-  ``[coef * u | v]`` (``(N, k, p + q)``, materialised once); each member's
-  term (K outer products, which XLA fuses into whatever consumes the update,
-  e.g. Adam's moment updates) reads its slice of them. ``offsets``: each
-  member's first row as (traced) int32 scalars, default the static
-  ``member.offset``; with runtime offsets the slice is a ``dynamic_slice``
-  and the fused kernel is the same for every member of one shape, so XLA
-  compiles it once instead of once per member.
+  ``[coef * u | v]`` (``(N, k, p + q)``); each member's term (K outer
+  products, fused by XLA into whatever consumes the update, e.g. Adam's moment
+  updates) reads its slice of them.
+
+  ``offsets``: each member's first row as traced int32 scalars (default: the
+  static ``member.offset``). With runtime offsets the slice is a
+  ``dynamic_slice`` whose compiled kernel is the same for every member of one
+  shape, so XLA compiles it once instead of once per member. On CPU the
+  slices are also materialised (inside a ``lax.cond`` on a runtime predicate,
+  which XLA:CPU neither fuses across nor folds; ``optimization_barrier`` is
+  expanded before fusion there): fused into the consumer, a dynamic slice
+  made each element of the kernel-sized update pass ~1.6x slower (measured).
   """
-  packed = jax.lax.optimization_barrier(
-      jnp.concatenate([t.u * coef[..., None], t.v], axis=-1))
-  if offsets is None:
+  packed = jnp.concatenate([t.u * coef[..., None], t.v], axis=-1)
+  static = offsets is None
+  if static:
     offsets = [m.offset for m in group.members]
+
+  def pieces():
+    return [jax.lax.dynamic_slice_in_dim(packed, off, m.view.num_matrices, axis=0)
+            for m, off in zip(group.members, offsets)]
+
+  if not static and jax.default_backend() == "cpu":
+    parts = jax.lax.cond(jnp.asarray(offsets[0]) >= 0, pieces,
+                         lambda: [jnp.zeros((m.view.num_matrices,) + packed.shape[1:])
+                                  for m in group.members])
+  else:
+    parts = pieces()
   out = []
-  for m, off in zip(group.members, offsets):
-    pk = jax.lax.dynamic_slice_in_dim(packed, off, m.view.num_matrices, axis=0)
+  for m, pk in zip(group.members, parts):
     mu, mv = pk[..., :group.p], pk[..., group.p:]
     if m.view.transposed:
       mu, mv = mv, mu

@@ -244,6 +244,57 @@ def test_errors():
   assert optim.active_counts(optim.s2d(k=0, k_max=2).init(params))["head/kernel"] == 0
 
 
+def test_kernel_shape_change_with_same_basis_shape_raises():
+  # (16, 8) -> (12, 8): the stored basis (K, 8) fits both, the kernel does not.
+  rng = np.random.default_rng(12)
+  tx = optim.s2d(k=2, init_iters=0)
+  state = tx.init({"d": {"kernel": jnp.asarray(planted(rng, 16, 8))}})
+  changed = {"d": {"kernel": jnp.asarray(planted(rng, 12, 8))}}
+  with pytest.raises(ValueError, match=r"'d/kernel' has shape \(12, 8\).*\(16, 8\).*re-run init"):
+    jax.jit(tx.update)(changed, state, changed)
+
+
+def test_empty_kernel_is_named():
+  params = {"ok": {"kernel": jnp.ones((4, 3))}, "empty": {"kernel": jnp.zeros((0, 5))}}
+  for init_iters in (0, 8):
+    with pytest.raises(ValueError, match=r"'empty/kernel' of shape \(0, 5\) is empty.*mask="):
+      optim.s2d(init_iters=init_iters).init(params)
+  # Left out with a mask, the rest works.
+  mask = {"ok": {"kernel": True}, "empty": {"kernel": False}}
+  assert list(optim.sigma_estimates(optim.s2d(mask=mask).init(params))) == ["ok/kernel"]
+
+
+def test_schedule_as_strength_names_the_fix():
+  with pytest.raises(TypeError, match=r"inject_hyperparams\(s2d\)\(strength=schedule"):
+    optim.s2d(strength=optax.linear_schedule(1e-3, 0.0, 10))
+  # The fix works (and is exercised with exact values in
+  # test_inject_hyperparams_numeric_k_and_scheduled_strength).
+  optax.inject_hyperparams(optim.s2d)(strength=optax.linear_schedule(1e-3, 0.0, 10))
+
+
+def test_k_above_four_matches_exact_svd():
+  """k = 6 (the matmul path of the rank-k term) on scan, loop and transposed kernels."""
+  rng = np.random.default_rng(13)
+  sig = 4.0 * 0.7 ** np.arange(16)
+  params = {"encoderblock": {"Dense_0": {"kernel": jnp.asarray(
+                np.stack([planted(rng, 12, 16, sig) for _ in range(2)]))}},
+            "Dense_1": {"kernel": jnp.asarray(planted(rng, 16, 12, sig))},
+            "thin": {"kernel": jnp.asarray(planted(rng, 10, 5, sig))}}
+  grads = grads_like(params)
+  tx = optim.s2d(k=6, strength=0.3, iters=60, init_iters=0)
+  new, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  sig_est = optim.sigma_estimates(state)
+  for name, (_, view) in spectral.select_kernels(params).items():
+    w = items(params)[name]
+    np.testing.assert_allclose(np.asarray(items(new)[name]) - np.asarray(items(grads)[name]),
+                               reference_term(w, view, 6, 0.3, 2.0), atol=2e-5, err_msg=name)
+    mats = np.asarray(view.to_matrix(w), np.float64).reshape(-1, view.rows, view.cols)
+    want = np.stack([np.pad(np.linalg.svd(m, compute_uv=False)[:6], (0, max(0, 6 - min(m.shape))))
+                     for m in mats])
+    np.testing.assert_allclose(np.asarray(sig_est[name]).reshape(-1, 6), want, rtol=1e-5,
+                               atol=1e-6, err_msg=name)
+
+
 def test_non_float_leaves():
   params = {"q": {"kernel": jnp.ones((4, 4), jnp.int8)}, "d": {"kernel": jnp.ones((4, 3))},
             "step": jnp.zeros((), jnp.int32)}
