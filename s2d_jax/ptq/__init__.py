@@ -5,7 +5,7 @@
     logits, _ = qapply(qvariables, images)
 
 A setting name is ``"METHOD/W<w>A<a>"`` with METHOD in :data:`METHODS`. Each method
-lives in its own module (``repq.py``, ``ptq4vit.py``, ``erq.py``) exposing
+lives in its own module (``repq.py``, ``ptq4vit.py``, ``erq.py``, ``gptq.py``) exposing
 
     quantize(apply_fn, variables, calib_images, w_bits, a_bits, *,
              output_fn=None, **options) -> (qapply, qvariables)
@@ -29,6 +29,7 @@ METHODS: dict[str, str] = {
     "RepQ-ViT": "repq",
     "PTQ4ViT": "ptq4vit",
     "ERQ": "erq",
+    "GPTQ": "gptq",   # weight-only baseline (e.g. "GPTQ/W4A16"), ERQ's Wqer machinery
 }
 
 _BITS_RE = re.compile(r"^W(\d+)A(\d+)$")
