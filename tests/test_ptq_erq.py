@@ -1,0 +1,271 @@
+"""ERQ (Aqer, Wqer) and GPTQ: the linear algebra against numpy references of the
+official loops, and the end-to-end methods on the planted-outlier ViT."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from s2d_jax.ptq import error_reduction as er
+
+
+# --------------------------------------------------------------- references
+
+def _np_quant(w, s, z, qmax, how="round"):
+  r = {"round": np.round, "floor": np.floor, "ceil": np.ceil}[how]
+  return (np.clip(r(w / s) + z, 0, qmax) - z) * s
+
+
+def _np_refine(err_r, err_f, err_c, c, steps=100):
+  """The official rounding refinement, row = output channel, float64."""
+  delta = err_r.copy()
+  fail = np.zeros(len(delta), bool)
+  count = 0
+  while count < steps and np.sum(~fail) > 0:
+    count += 1
+    grad = (2 * c @ delta.T).T
+    grad[~(delta * grad > 0)] = 0
+    k = int(np.max(np.minimum(np.sum(grad != 0, axis=1), 1)))
+    if k == 0:
+      continue
+    j = np.argmax(np.abs(grad), axis=1)
+    r = np.arange(len(delta))
+    v = delta[r, j] - grad[r, j]
+    v = np.where(np.abs(v - err_c[r, j]) <= np.abs(v - err_f[r, j]),
+                 err_c[r, j], err_f[r, j])
+    before = np.einsum("oi,ij,oj->o", delta, c, delta)
+    old = delta[r, j].copy()
+    delta[r, j] = v
+    after = np.einsum("oi,ij,oj->o", delta, c, delta)
+    fail = after > before
+    delta[r[fail], j[fail]] = old[fail]
+  return delta
+
+
+def _np_wqer(w, b, xq, s, z, qmax, lam, refine=True):
+  """The official Wqer loop in the torch layout (out, in+1), float64."""
+  cur = np.concatenate([w, b[None]], 0).T.copy()
+  a = np.concatenate([xq, np.ones((len(xq), 1))], 1)
+  s = np.concatenate([np.broadcast_to(s, w.shape), np.ones((1, w.shape[1]))], 0).T
+  z = np.concatenate([np.broadcast_to(z, w.shape), np.zeros((1, w.shape[1]))], 0).T
+  mask = np.ones(cur.shape[1], bool)
+  while mask.sum() > 1:
+    nq = mask.sum() // 2
+    e = {h: _np_quant(cur, s, z, qmax, h) - cur for h in ("round", "floor", "ceil")}
+    for h in e:
+      e[h][:, -1] = 0
+    blk = np.arange((~mask).sum(), (~mask).sum() + nq)
+    if refine:
+      c = np.outer(a[:, blk].mean(0), a[:, blk].mean(0)) + np.cov(a[:, blk].T)
+      e["round"][:, blk] = _np_refine(e["round"][:, blk], e["floor"][:, blk],
+                                      e["ceil"][:, blk], c)
+    mask[blk] = False
+    rem = np.nonzero(mask)[0]
+    i1, i2 = a[:, blk], a[:, rem]
+    d1 = e["round"][:, blk]
+    d2 = -np.linalg.solve(i2.T @ i2 + lam * np.eye(len(rem)), i2.T @ i1 @ d1.T)
+    cur[:, rem] += d2.T
+    cur[:, blk] += d1
+  return cur[:, :-1].T, cur[:, -1]
+
+
+def _np_gptq(w, h, s, z, qmax, percdamp=0.01):
+  """Unblocked OBS column loop (GPTQ Alg. 1 without lazy batches), float64."""
+  w = w.copy()
+  h = h + percdamp * np.mean(np.diag(h)) * np.eye(len(h))
+  u = np.linalg.cholesky(np.linalg.inv(h)).T
+  q = np.zeros_like(w)
+  for i in range(len(w)):
+    q[i] = _np_quant(w[i], s[0], z[0], qmax)
+    e = (w[i] - q[i]) / u[i, i]
+    w[i:] -= np.outer(u[i, i:], e)
+  return q
+
+
+def _correlated(rng, n, d, outlier=None):
+  mix = rng.normal(size=(d, d)) / np.sqrt(d) + np.eye(d)
+  x = rng.normal(size=(n, d)) @ mix + rng.normal(size=d)
+  if outlier is not None:
+    x[:, outlier] *= 8.0
+  return x
+
+
+def _moments(xq, x, batches=3):
+  m = None
+  parts_f = [None] * batches if x is None else np.array_split(x, batches)
+  for part_q, part_f in zip(np.array_split(xq, batches), parts_f):
+    mb = er.batch_moments(jnp.asarray(part_q, jnp.float32),
+                          None if part_f is None else jnp.asarray(part_f, jnp.float32))
+    m = mb if m is None else er.add_moments(m, mb)
+  return m
+
+
+# -------------------------------------------------------------------- Aqer
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_aqer_equals_numpy_ridge_and_lowers_error(bias):
+  rng = np.random.default_rng(0)
+  x = _correlated(rng, 300, 6)
+  xq = np.clip(np.round(x * 2) / 2, -1.5, 1.5)  # a coarse, clipping grid
+  w = rng.normal(size=(6, 5))
+  b = rng.normal(size=5) if bias else None
+  lam = 3.0
+  new_w, new_b = er.aqer(w, b, _moments(xq, x), lam)
+  # numpy: A = [x̄, 1], Y = y_float − A·[W; b], β = (AᵀA + λI)⁻¹AᵀY
+  ones = np.ones((300, 1))
+  a = np.concatenate([xq, ones], 1) if bias else xq
+  f = np.concatenate([x, ones], 1) if bias else x
+  wc = np.concatenate([w, b[None]], 0) if bias else w
+  y = f @ wc
+  beta = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ (y - a @ wc))
+  want = wc + beta
+  got = np.concatenate([new_w, new_b[None]], 0) if bias else np.asarray(new_w)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+  assert (new_b is None) == (not bias)
+  # the layer's output error under activation quantization goes down
+  before = np.sum((a @ wc - y) ** 2)
+  after = np.sum((a @ got - y) ** 2)
+  assert after < 0.8 * before, (before, after)
+
+
+def test_moments_stream_and_errors():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2, 7, 4))               # leading axes are rows
+  m = er.batch_moments(jnp.asarray(x), jnp.asarray(2 * x))
+  a = np.concatenate([x.reshape(14, 4), np.ones((14, 1))], 1)
+  f = np.concatenate([2 * x.reshape(14, 4), np.ones((14, 1))], 1)
+  np.testing.assert_allclose(m.aa, a.T @ a, rtol=1e-5)
+  np.testing.assert_allclose(m.af, a.T @ f, rtol=1e-5)
+  assert float(m.count) == 14
+  assert er.add_moments(m, er.batch_moments(jnp.asarray(x))).af is None
+  with pytest.raises(ValueError, match="x_float"):
+    er.batch_moments(jnp.ones((3, 4)), jnp.ones((3, 5)))
+  with pytest.raises(ValueError, match="af"):
+    er.aqer(jnp.ones((4, 2)), None, er.Moments(m.aa), 1.0)
+  with pytest.raises(ValueError, match=r"\(6, 6\)"):
+    er.aqer(jnp.ones((5, 2)), None, m, 1.0)
+
+
+# ------------------------------------------------------------------- grids
+
+def test_grid_quantize_hand_computed():
+  w = jnp.array([-1.0, -0.26, 0.0, 0.24, 0.26, 0.5, 10.0, 0.125, 0.375])
+  s, z, qmax = 0.25, 4.0, 7
+  np.testing.assert_array_equal(
+      er.grid_quantize(w, s, z, qmax),   # round half to even: 0.5 -> 0, 1.5 -> 2
+      [-1.0, -0.25, 0.0, 0.25, 0.25, 0.5, 0.75, 0.0, 0.5])
+  np.testing.assert_array_equal(
+      er.grid_quantize(w, s, z, qmax, "floor"),
+      [-1.0, -0.5, 0.0, 0.0, 0.25, 0.5, 0.75, 0.0, 0.25])
+  np.testing.assert_array_equal(
+      er.grid_quantize(w, s, z, qmax, "ceil"),
+      [-1.0, -0.25, 0.0, 0.25, 0.5, 0.5, 0.75, 0.25, 0.5])
+  with pytest.raises(ValueError, match="rounding"):
+    er.grid_quantize(w, s, z, qmax, "stochastic")
+  # GPTQ's per-column min–max grid: range always holds 0; zero columns [-1, 1]
+  s, z = er.minmax_grid(jnp.array([[0.5, 0.0, -3.0], [1.5, 0.0, -1.5]]), 2)
+  np.testing.assert_allclose(s, [[0.5, 2 / 3, 1.0]], rtol=1e-6)
+  np.testing.assert_array_equal(z, [[0.0, 2.0, 3.0]])
+
+
+def test_halves_schedule():
+  assert er.halves(1) == []
+  assert er.halves(2) == [(0, 1)]
+  assert er.halves(5) == [(0, 2), (2, 3), (3, 4)]
+  h = er.halves(385)   # 384 inputs + bias: the bias row is never in a block
+  assert h[:3] == [(0, 192), (192, 288), (288, 336)]
+  assert h[-1][1] == 384 and all(b[0] == a[1] for a, b in zip(h, h[1:]))
+
+
+# -------------------------------------------------------------------- Wqer
+
+def test_refine_rounding_matches_official_loop_and_never_increases_proxy():
+  rng = np.random.default_rng(2)
+  k, n_out = 12, 40
+  x = _correlated(rng, 200, k)
+  c = np.outer(x.mean(0), x.mean(0)) + np.cov(x.T)
+  w = rng.normal(size=(k, n_out))
+  s, z = np.full((1, n_out), 0.3), np.full((1, n_out), 8.0)
+  qf, qc, qr = (_np_quant(w, s, z, 15, h) for h in ("floor", "ceil", "round"))
+  up0 = qr == qc
+  up, steps = er.refine_rounding(qf - w, qc - w, up0, c)
+  got = np.where(np.asarray(up), qc - w, qf - w)
+  want = _np_refine((qr - w).T, (qf - w).T, (qc - w).T, c).T
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert 0 < int(steps) <= 100
+  p0 = np.einsum("io,ij,jo->o", qr - w, c, qr - w)
+  p1 = np.einsum("io,ij,jo->o", got, c, got)
+  assert np.all(p1 <= p0 + 1e-9) and np.any(p1 < p0 - 1e-3)
+  np.testing.assert_allclose(er.proxy(jnp.asarray(got), jnp.asarray(c)), p1,
+                             rtol=1e-4)
+  # max_steps bounds the number of moves per channel
+  up1, steps1 = er.refine_rounding(qf - w, qc - w, up0, c, max_steps=1)
+  assert int(steps1) == 1
+  assert np.all(np.sum(np.asarray(up1) != up0, axis=0) <= 1)
+
+
+def _layer(seed, d=10, n_out=7, n=400):
+  rng = np.random.default_rng(seed)
+  x = _correlated(rng, n, d, outlier=3)
+  xq = np.round(x * 4) / 4
+  w = rng.normal(size=(d, n_out)) * 0.5
+  b = rng.normal(size=n_out)
+  lo, hi = w.min(0, keepdims=True), w.max(0, keepdims=True)
+  s = (hi - lo) / 15
+  z = np.round(-lo / s)
+  return x, xq, w, b, s, z
+
+
+def test_wqer_matches_official_loop_on_grid_and_beats_rounding():
+  x, xq, w, b, s, z = _layer(3)
+  lam = 10.0
+  aa = _moments(xq, None).aa
+  wq, bq = er.wqer(w, b, aa, s, z, 15, lam)
+  want_w, want_b = _np_wqer(w, b, xq, s, z, 15, lam)
+  np.testing.assert_allclose(wq, want_w, atol=1e-4)
+  np.testing.assert_allclose(bq, want_b, rtol=1e-3, atol=1e-3)
+  wq = np.asarray(wq)
+  np.testing.assert_array_equal(wq, er.grid_quantize(wq, s, z, 15))  # on the grid
+  y = xq @ w + b
+  err = lambda ww, bb: np.sum((xq @ ww + bb - y) ** 2)
+  rtn = err(_np_quant(w, s, z, 15), b)
+  assert err(wq, np.asarray(bq)) < 0.9 * rtn
+  # without refinement (the patch-embedding path) still on the grid, and worse
+  wq0, bq0 = er.wqer(w, b, aa, s, z, 15, lam, refine=False)
+  want0 = _np_wqer(w, b, xq, s, z, 15, lam, refine=False)
+  np.testing.assert_allclose(wq0, want0[0], atol=1e-4)
+  assert err(np.asarray(wq0), np.asarray(bq0)) < rtn
+
+
+def test_wqer_without_bias_rounds_the_last_row():
+  x, xq, w, _, s, z = _layer(4, d=5)
+  wq, bq = er.wqer(w, None, _moments(xq, None).aa, s, z, 15, 1.0)
+  assert bq is None
+  wq = np.asarray(wq)
+  np.testing.assert_array_equal(wq, er.grid_quantize(wq, s, z, 15))
+  assert not np.allclose(wq[:-1], _np_quant(w, s, z, 15)[:-1])  # compensated
+
+
+# -------------------------------------------------------------------- GPTQ
+
+def test_gptq_matches_unblocked_obs_loop():
+  rng = np.random.default_rng(5)
+  d, n_out = 10, 6
+  x = _correlated(rng, 300, d)
+  x[:, 7] = 0.0                                  # a dead input
+  w = rng.normal(size=(d, n_out))
+  h = x.T @ x
+  s, z = (np.asarray(a) for a in er.minmax_grid(jnp.asarray(w), 4))
+  q = er.gptq(w, h, s, z, 15, blocksize=4)       # ragged blocks 4, 4, 2
+  hd = h.copy()
+  hd[7, 7] = 1.0
+  wd = w.copy()
+  wd[7] = 0.0
+  want = _np_gptq(wd, hd, s, z, 15)
+  np.testing.assert_allclose(q, want, atol=1e-5)
+  np.testing.assert_array_equal(q, er.grid_quantize(q, s, z, 15))
+  err = lambda qq: np.sum((x @ (qq - w)) ** 2)
+  assert err(np.asarray(q)) < 0.8 * err(_np_quant(w, s, z, 15))
+  with pytest.raises(ValueError, match="Hessian"):
+    er.gptq(w, h[:5, :5], s, z, 15)
