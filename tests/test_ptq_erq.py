@@ -7,6 +7,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from s2d_jax.ptq import erq
 from s2d_jax.ptq import error_reduction as er
 
 
@@ -269,3 +270,55 @@ def test_gptq_matches_unblocked_obs_loop():
   assert err(np.asarray(q)) < 0.8 * err(_np_quant(w, s, z, 15))
   with pytest.raises(ValueError, match="Hessian"):
     er.gptq(w, h[:5, :5], s, z, 15)
+
+
+# ------------------------------------------------------- ERQ weight grids
+
+def _np_weight_grid(row, bits):
+  """The official per-channel search (init_quantization_scale, weights)."""
+  qmax, best, out = 2 ** bits - 1, 1e10, None
+  for pct in erq.WEIGHT_QUANTILES:
+    hi, lo = np.quantile(row, pct), np.quantile(row, 1.0 - pct)
+    s = (hi - lo) / qmax
+    z = np.round(-lo / s)
+    score = np.mean((_np_quant(row, s, z, qmax) - row) ** 2)
+    if score < best:
+      best, out = score, (s, z)
+  return out
+
+
+def _np_dual_rows(w_torch, n_top):
+  """The official two_part split on a torch-layout (out, in) weight."""
+  from collections import Counter
+  counts = Counter()
+  for row in w_torch:
+    pos = np.percentile(row[row > 0], 99)
+    neg = np.percentile(row[row < 0], 1)
+    counts.update(np.unique(np.nonzero((row > pos) | (row < neg))[0]).tolist())
+  return sorted(i for i, _ in counts.most_common(n_top))
+
+
+def test_weight_grid_and_dual_split_match_the_official_search():
+  rng = np.random.default_rng(6)
+  w = rng.standard_t(3, size=(64, 45)).astype(np.float32)   # heavy tails
+  w[5] *= 6.0                                   # an outlier input row
+  s, z = erq.weight_grid(jnp.asarray(w), 4)
+  for o in range(w.shape[1]):
+    ws, wz = _np_weight_grid(w[:, o].astype(np.float64), 4)
+    np.testing.assert_allclose(s[0, o], ws, rtol=1e-5)
+    assert z[0, o] == wz
+  top = np.asarray(erq.dual_rows(jnp.asarray(w), 45 // 20))
+  assert np.nonzero(top)[0].tolist() == _np_dual_rows(w.T, 45 // 20)
+  assert top[5]
+  ds, dz, dtop = erq.dual_weight_grid(jnp.asarray(w), 4, 2)
+  np.testing.assert_array_equal(dtop, top)
+  s_top, z_top = erq.weight_grid(jnp.asarray(w), 4, jnp.asarray(top))
+  np.testing.assert_array_equal(ds[5], s_top[0])
+  rest = erq.weight_grid(jnp.asarray(w[~top]), 4)
+  np.testing.assert_allclose(ds[np.nonzero(~top)[0][0]], rest[0][0], rtol=1e-6)
+  # the dual grid fits the outlier row far better than one grid per channel
+  q1 = er.grid_quantize(jnp.asarray(w), s, z, 15)
+  q2 = er.grid_quantize(jnp.asarray(w), ds, dz, 15)
+  assert np.sum((q2 - w)[~top] ** 2) < 0.7 * np.sum((q1 - w)[~top] ** 2)
+  # fewer than 20 output channels: no split
+  assert not np.any(erq.dual_weight_grid(jnp.asarray(w[:, :19]), 4, 0)[2])
