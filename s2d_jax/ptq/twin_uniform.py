@@ -71,6 +71,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 # |min_x GELU(x)| (exact erf GELU), the official fixed negative range of post-GELU
 # activations: Δ₋ = GELU_NEG / 2^(b-1).
@@ -119,9 +120,17 @@ def check_bits(bits, what: str = "bits") -> int:
   return bits
 
 
-def qmax(bits: int) -> int:
-  """The official ``qmax = 2^(b-1)`` (signed levels ``-m .. m-1``)."""
-  return 2 ** (check_bits(bits) - 1)
+def qmax(bits):
+  """The official ``qmax = 2^(b-1)`` (signed levels ``-m .. m-1``).
+
+  ``bits`` is a Python int (checked) or a traced integer array (inside the jitted
+  searches, so that every bit width shares one compiled search).
+  """
+  if isinstance(bits, (int, np.integer)) and not isinstance(bits, bool):
+    return 2 ** (check_bits(int(bits)) - 1)
+  if isinstance(bits, jax.Array) and jnp.issubdtype(bits.dtype, jnp.integer):
+    return jnp.left_shift(jnp.int32(1), bits.astype(jnp.int32) - 1).astype(jnp.float32)
+  return 2 ** (check_bits(bits) - 1)   # raises with the offending value
 
 
 # ----------------------------------------------------------------------------
@@ -129,13 +138,13 @@ def qmax(bits: int) -> int:
 # ----------------------------------------------------------------------------
 
 
-def uniform(x: jax.Array, interval, bits: int) -> jax.Array:
+def uniform(x: jax.Array, interval, bits) -> jax.Array:
   """``Δ · clip(round(x/Δ), -m, m-1)``; ``interval`` broadcasts against ``x``."""
   m = qmax(bits)
   return jnp.clip(jnp.round(x / interval), -m, m - 1) * interval
 
 
-def post_gelu(x: jax.Array, interval, bits: int) -> jax.Array:
+def post_gelu(x: jax.Array, interval, bits) -> jax.Array:
   """Twin uniform for post-GELU values: searched ``Δ₊`` above 0, fixed ``Δ₋`` below."""
   m = qmax(bits)
   neg = GELU_NEG / m
@@ -143,7 +152,7 @@ def post_gelu(x: jax.Array, interval, bits: int) -> jax.Array:
   return pos + jnp.clip(jnp.round(x / neg), -m, 0) * neg
 
 
-def post_softmax(x: jax.Array, split, bits: int) -> jax.Array:
+def post_softmax(x: jax.Array, split, bits) -> jax.Array:
   """Twin uniform for softmax probabilities with split ``s`` (module docstring)."""
   m1 = qmax(bits) - 1
   low = split / m1
@@ -151,7 +160,7 @@ def post_softmax(x: jax.Array, split, bits: int) -> jax.Array:
   return high + jnp.clip(jnp.round(jnp.clip(x, 0.0, split) / low), 0, m1) * low
 
 
-def minmax_interval(absmax, bits: int):
+def minmax_interval(absmax, bits):
   """Initial interval ``max / (m - 1/2)``; all-zero groups get the max 1 (no NaN)."""
   absmax = jnp.asarray(absmax, jnp.float32)
   absmax = jnp.where(absmax > 0, absmax, 1.0)
@@ -237,8 +246,11 @@ def quantize_weight(w: jax.Array, intervals: jax.Array, bits: int) -> jax.Array:
   return uniform(w, group_intervals(intervals, w.shape[-1]), bits)
 
 
-@functools.partial(jax.jit, static_argnames=("w_bits", "a_bits", "n_groups", "act",
-                                             "cfg"))
+def _bits_arg(bits, what):
+  """Checked Python bits -> int32 array (traced in the searches: one compile)."""
+  return jnp.int32(check_bits(bits, what))
+
+
 def search_linear(x: jax.Array, w: jax.Array, b: jax.Array | None, out: jax.Array,
                   grad: jax.Array, *, w_bits: int, a_bits: int | None,
                   n_groups: int = 1, act: str | None = "uniform",
@@ -261,15 +273,27 @@ def search_linear(x: jax.Array, w: jax.Array, b: jax.Array | None, out: jax.Arra
     input stays float), ``rounds`` (rounds run) and the initial intervals
     ``w_init``, ``a_init``.
   """
-  x, w, out, grad = (jnp.asarray(t, jnp.float32) for t in (x, w, out, grad))
+  if act not in (None, "uniform", "post_gelu"):
+    raise ValueError(f"unknown input quantizer {act!r}; expected 'uniform', "
+                     "'post_gelu' or None")
+  if act is not None and a_bits is None:
+    act = None
   n = w.shape[-1]
   if n % n_groups:
     raise ValueError(f"search_linear: {n} output columns do not split into "
                      f"{n_groups} equal groups")
   if b is None:
     b = jnp.zeros((n,), jnp.float32)
-  b = jnp.asarray(b, jnp.float32)
-  quant_in = act is not None and a_bits is not None
+  return _search_linear(x, w, b, out, grad, _bits_arg(w_bits, "w_bits"),
+                        _bits_arg(a_bits if act else 8, "a_bits"),
+                        n_groups=n_groups, act=act, cfg=cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("n_groups", "act", "cfg"))
+def _search_linear(x, w, b, out, grad, w_bits, a_bits, *, n_groups, act, cfg):
+  x, w, b, out, grad = (jnp.asarray(t, jnp.float32) for t in (x, w, b, out, grad))
+  n = w.shape[-1]
+  quant_in = act is not None
 
   w_init = minmax_interval(jnp.max(jnp.abs(w).reshape(-1, n_groups, n // n_groups),
                                    axis=(0, 2)), w_bits)
@@ -322,7 +346,8 @@ def _head_absmax(t: jax.Array, head_axis: int) -> jax.Array:
 
 
 def qk_logits(q, k):
-  """``S[b, h, i, j] = Σ_d q[b, i, h, d] k[b, j, h, d]`` (flax's einsum)."""
+  """``S[b, h, i, j] = Σ_d q[b, i, h, d] k[b, j, h, d] / √d`` (flax's scaling and einsum)."""
+  q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
   return jnp.einsum("...qhd,...khd->...hqk", q, k, precision=_HI)
 
 
@@ -331,19 +356,27 @@ def pv_out(p, v):
   return jnp.einsum("...hqk,...khd->...qhd", p, v, precision=_HI)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "cfg"))
 def search_qk(q: jax.Array, k: jax.Array, s: jax.Array, grad: jax.Array, *,
               bits: int, cfg: SearchConfig = SearchConfig()) -> dict[str, jax.Array]:
   """Per-head intervals of q and k for ``S = q·kᵀ`` (``PTQSLBatchingQuantMatMul``).
 
+  q and k are quantized as the projections give them (before flax's ``1/√d``,
+  as the official code quantizes ``q`` and ``kᵀ`` before its ``* scale``); the
+  error is measured on the scaled logits (a constant factor: same argmin).
+
   Args:
     q: ``(B, Nq, H, d)``, k: ``(B, Nk, H, d)``, s: ``(B, H, Nq, Nk)`` the float
-      logits ``q·kᵀ`` and grad ``∂L/∂S`` (same shape).
+      logits ``q·kᵀ/√d`` and grad ``∂L/∂S`` (same shape).
     bits: A bits of both operands.
 
   Returns:
     dict with ``q_interval``, ``k_interval`` ``(H,)``, ``rounds`` and the inits.
   """
+  return _search_qk(q, k, s, grad, _bits_arg(bits, "bits"), cfg=cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _search_qk(q, k, s, grad, bits, *, cfg):
   q, k, s, grad = (jnp.asarray(t, jnp.float32) for t in (q, k, s, grad))
   head = lambda iv: iv[:, None]                       # (H,) against (..., H, d)
   q_init = minmax_interval(_head_absmax(q, -2), bits)
@@ -376,7 +409,6 @@ def search_qk(q: jax.Array, k: jax.Array, s: jax.Array, grad: jax.Array, *,
               q_init=q_init, k_init=k_init)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "cfg"))
 def search_pv(p: jax.Array, v: jax.Array, o: jax.Array, grad: jax.Array, *,
               bits: int, cfg: SearchConfig = SearchConfig()) -> dict[str, jax.Array]:
   """Softmax split and per-head v intervals for ``O = probs·v``.
@@ -393,6 +425,11 @@ def search_pv(p: jax.Array, v: jax.Array, o: jax.Array, grad: jax.Array, *,
   Returns:
     dict with ``split`` ``()``, ``v_interval`` ``(H,)``, ``rounds``, ``v_init``.
   """
+  return _search_pv(p, v, o, grad, _bits_arg(bits, "bits"), cfg=cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _search_pv(p, v, o, grad, bits, *, cfg):
   p, v, o, grad = (jnp.asarray(t, jnp.float32) for t in (p, v, o, grad))
   head = lambda iv: iv[:, None]
   v_init = minmax_interval(_head_absmax(v, -2), bits)
