@@ -55,36 +55,35 @@ def loop_to_scan(params, depth: int = TINY["depth"]):
   return p
 
 
-def _uneven_layernorms(params, key):
+def _uneven_layernorms(params, rng):
   """Every LayerNorm's scale * exp(N(0, 0.8)) and bias + N(0, 0.5) per channel."""
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  leaves = {}
-  for i, (path, leaf) in enumerate(flat):
-    names = [getattr(k, "key", str(k)) for k in path]
-    is_ln = any("LayerNorm" in n or n == "encoder_norm" for n in names)
-    k = jax.random.fold_in(key, i)
-    if is_ln and names[-1] == "scale":
-      leaf = leaf * jnp.exp(0.8 * jax.random.normal(k, leaf.shape))
-    elif is_ln and names[-1] == "bias":
-      leaf = leaf + 0.5 * jax.random.normal(k, leaf.shape)
-    leaves[tuple(names)] = leaf
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: leaves[tuple(getattr(k, "key", str(k)) for k in path)], params)
+  def visit(node, in_ln):
+    out = {}
+    for k, v in node.items():
+      if isinstance(v, dict):
+        out[k] = visit(v, in_ln or "LayerNorm" in k or k == "encoder_norm")
+      elif in_ln and k == "scale":
+        out[k] = v * np.exp(0.8 * rng.standard_normal(v.shape)).astype(np.float32)
+      elif in_ln and k == "bias":
+        out[k] = v + (0.5 * rng.standard_normal(v.shape)).astype(np.float32)
+      else:
+        out[k] = v
+    return out
+  return visit(params, False)
 
 
 @functools.lru_cache(maxsize=None)
 def _loop_params(pool_type: str, seed: int):
   m = model(pool_type, scan=False)
   params = jax.jit(m.init)(jax.random.key(seed), images(2))["params"]
-  params = _uneven_layernorms(params, jax.random.key(seed + 1))
+  params = jax.tree.map(np.asarray, params)
+  rng = np.random.RandomState(seed)
+  params = _uneven_layernorms(params, rng)
   # A head with clear margins (random init gives near-uniform logits).
-  head = params["head"]
-  params = {**params, "head": {
-      "kernel": 3.0 * jax.random.normal(jax.random.key(seed + 2),
-                                        head["kernel"].shape) / np.sqrt(
-                                            head["kernel"].shape[0]),
-      "bias": head["bias"]}}
-  return params
+  k = params["head"]["kernel"]
+  params["head"]["kernel"] = (3.0 * rng.standard_normal(k.shape) /
+                              np.sqrt(k.shape[0])).astype(np.float32)
+  return jax.tree.map(jnp.asarray, params)
 
 
 def vit_model(pool_type: str = "map", scan: bool = False, seed: int = 0):

@@ -270,18 +270,23 @@ def intercepted(apply_fn: Callable[..., Any], provider: Provider, *,
 def calibrate(apply_fn: Callable[..., Any], provider: Provider,
               variables: Mapping[str, Any], *args: Any,
               state: Mapping[str, Any] | None = None, jit: bool = True,
-              collection: str = COLLECTION, **kwargs: Any
-              ) -> tuple[Any, dict[str, Any]]:
+              collection: str = COLLECTION, plan: list | None = None,
+              **kwargs: Any) -> tuple[Any, dict[str, Any]]:
   """One calibration pass: ``(outputs, state)``.
 
   Quantizers without state in ``state`` are initialised in forward order (see the
-  module docstring); the others are used as they are. ``jit=True`` compiles the pass
-  (``kwargs`` are static).
+  module docstring); the others are used as they are. ``jit=True`` compiles the whole
+  pass (``kwargs`` are static); ``jit=False`` runs it op by op, like the official
+  PyTorch code, which with jitted quantizer searches (:mod:`s2d_jax.ptq.quantizers`)
+  compiles one search per distinct layer shape instead of one per layer (much less
+  compile time for a single pass; `nn.scan` bodies are compiled either way).
+  ``plan``, if a list, receives the provider's description of every point.
   """
   variables = {k: v for k, v in variables.items() if k != collection}
   if state:
     variables[collection] = state
-  f = intercepted(apply_fn, provider, mode="calib", collection=collection)
+  f = intercepted(apply_fn, provider, mode="calib", collection=collection,
+                  plan=plan)
   g = lambda v, *a: f(v, *a, **kwargs)
   return (jax.jit(g) if jit else g)(variables, *args)
 

@@ -2,8 +2,10 @@
 
 Ports of ``UniformQuantizer`` and ``LogSqrt2Quantizer`` of the official RepQ-ViT
 (zkkli/RepQ-ViT ``classification/quant/quantizer.py``; ERQ builds on the same ones).
-Everything here is a pure function of arrays (jit / vmap friendly, no state); the
-calibrated parameters live in flax variables (:mod:`s2d_jax.ptq.ops`).
+Everything here is a pure function of arrays (jit / vmap friendly, no state), each
+compiled once per shape and bit width when called outside a trace (an eager calibration
+pass compiles one search per distinct layer shape, not one per layer); the calibrated
+parameters live in flax variables (:mod:`s2d_jax.ptq.ops`).
 
 **Uniform asymmetric** (``b`` bits, levels ``0 .. 2^b - 1``, scale ``Δ``, zero point
 ``z``)::
@@ -43,6 +45,7 @@ candidate ``Δ = 0`` (a map whose quantile is 0) is raised to ``1e-8``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -108,10 +111,34 @@ def uniform_quantize(x: jax.Array, delta, zero_point, bits: int) -> jax.Array:
   ``delta`` and ``zero_point`` broadcast against ``x`` (scalars: per tensor;
   ``keepdims`` shapes: per group).
   """
-  _check_bits(bits)
+  return _uniform_quantize(x, delta, zero_point, _check_bits(bits))
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _uniform_quantize(x, delta, zero_point, bits):
   xf = x.astype(jnp.float32)
   q = jnp.clip(jnp.round(xf / delta) + zero_point, 0, 2 ** bits - 1)
   return ((q - zero_point) * delta).astype(x.dtype)
+
+
+def quantiles(rows: jax.Array, qs: Sequence[float]) -> jax.Array:
+  """``torch.quantile`` (linear interpolation) of each row of ``rows (G, M)`` at the
+  static levels ``qs``: ``(len(qs), G)``.
+
+  One sort per row; position ``q·(M-1)``, interpolated between its two neighbours.
+  The positions are static, so this is a sort and a few slices (cheap to compile).
+  """
+  m = rows.shape[1]
+  srt = jnp.sort(rows, axis=1)
+  out = []
+  for q in qs:
+    pos = float(q) * (m - 1)
+    lo = min(int(np.floor(pos)), m - 1)
+    hi = min(lo + 1, m - 1)
+    frac = np.float32(pos - lo)
+    a, b = srt[:, lo], srt[:, hi]
+    out.append(a + frac * (b - a))
+  return jnp.stack(out)
 
 
 def quantile_candidates(x: jax.Array, keep_axes=None,
@@ -122,9 +149,8 @@ def quantile_candidates(x: jax.Array, keep_axes=None,
   """
   keep = _keep(x.ndim, keep_axes)
   rows = _groups(x.astype(jnp.float32), keep)
-  ps = np.asarray(percentiles, np.float64)
-  qs = jnp.asarray(np.concatenate([ps, 1.0 - ps]), jnp.float32)
-  v = jnp.quantile(rows, qs, axis=1, method="linear")  # (2P, G)
+  ps = [float(p) for p in percentiles]
+  v = quantiles(rows, ps + [1.0 - p for p in ps])  # (2P, G)
   gshape = group_shape(x.shape, keep)
   n = len(ps)
   hi = v[:n].reshape((n,) + gshape)
@@ -137,28 +163,37 @@ def _group_mse(x, xq, keep):
   return jnp.mean(jnp.square(xq - x), axis=red, keepdims=True)
 
 
+def _first_best(errs: jax.Array, cands: jax.Array) -> jax.Array:
+  """``cands[argmin(errs, 0)]`` per group (first index on ties: the official strict
+  ``<``). ``errs``, ``cands``: ``(P, *group_shape)``."""
+  idx = jnp.argmin(errs, axis=0)[None]
+  return jnp.take_along_axis(cands, idx, axis=0)[0]
+
+
 def uniform_search(x: jax.Array, bits: int, keep_axes=None,
                    percentiles: Sequence[float] = PERCENTILES):
   """RepQ-ViT's range search: ``(Δ, z)`` per group (``keepdims`` shapes, float32).
 
   Per group, the quantile candidate (see module docstring) with the least
-  ``mean((x̂ - x)²)``; the first on ties. ``keep_axes`` = None: one group.
+  ``mean((x̂ - x)²)``; the first on ties. ``keep_axes`` = None: one group. The
+  candidates are evaluated one after the other (``lax.map``: one copy of ``x`` in
+  memory, one compiled body).
   """
-  _check_bits(bits)
-  keep = _keep(x.ndim, keep_axes)
+  return _uniform_search(x, _check_bits(bits), _keep(x.ndim, keep_axes),
+                         tuple(float(p) for p in percentiles))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _uniform_search(x, bits, keep, percentiles):
   xf = x.astype(jnp.float32)
   lo, hi = quantile_candidates(xf, keep, percentiles)
-  best = None
-  for i in range(len(percentiles)):
-    d, z = uniform_params(lo[i], hi[i], bits)
-    err = _group_mse(xf, uniform_quantize(xf, d, z, bits), keep)
-    if best is None:
-      best = (err, d, z)
-    else:
-      better = err < best[0]
-      best = tuple(jnp.where(better, new, old)
-                   for new, old in zip((err, d, z), best))
-  return best[1], best[2]
+  deltas, zeros = uniform_params(lo, hi, bits)          # (P, *group_shape)
+
+  def err(dz):
+    return _group_mse(xf, _uniform_quantize(xf, dz[0], dz[1], bits), keep)
+
+  errs = jax.lax.map(err, (deltas, zeros))
+  return _first_best(errs, deltas), _first_best(errs, zeros)
 
 
 # -------------------------------------------------------------- log√2 --
@@ -166,7 +201,11 @@ def uniform_search(x: jax.Array, bits: int, keep_axes=None,
 
 def log_sqrt2_quantize(x: jax.Array, delta, bits: int) -> jax.Array:
   """RepQ-ViT's log√2 quantizer of ``x ≥ 0`` (see the module docstring)."""
-  _check_bits(bits)
+  return _log_sqrt2_quantize(x, delta, _check_bits(bits))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _log_sqrt2_quantize(x, delta, bits):
   n_levels = 2 ** bits
   xf = x.astype(jnp.float32)
   q = jnp.round(-2.0 * jnp.log2(xf / delta))
@@ -181,18 +220,13 @@ def log_sqrt2_search(x: jax.Array, bits: int,
                      percentiles: Sequence[float] = PERCENTILES) -> jax.Array:
   """``Δ`` (a float32 scalar) of the log√2 quantizer: the quantile of ``x`` at one of
   ``percentiles`` with the least ``mean((x̂ - x)²)``, the first on ties."""
-  _check_bits(bits)
+  return _log_sqrt2_search(x, _check_bits(bits), tuple(float(p) for p in percentiles))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _log_sqrt2_search(x, bits, percentiles):
   xf = x.astype(jnp.float32)
-  cands = jnp.quantile(xf.reshape(-1), jnp.asarray(percentiles, jnp.float32),
-                       method="linear")
-  best_err, best = None, None
-  for i in range(len(percentiles)):
-    d = jnp.maximum(cands[i], MIN_DELTA)
-    err = jnp.mean(jnp.square(log_sqrt2_quantize(xf, d, bits) - xf))
-    if best is None:
-      best_err, best = err, d
-    else:
-      better = err < best_err
-      best_err = jnp.where(better, err, best_err)
-      best = jnp.where(better, d, best)
-  return best
+  cands = jnp.maximum(quantiles(xf.reshape(1, -1), percentiles)[:, 0], MIN_DELTA)
+  errs = jax.lax.map(
+      lambda d: jnp.mean(jnp.square(_log_sqrt2_quantize(xf, d, bits) - xf)), cands)
+  return _first_best(errs, cands)
