@@ -194,3 +194,32 @@ def test_ste_gradients_for_qat():
   g4 = grad(params, qm.quantized_apply(model.apply, "W4A4", ste=True))
   assert float(jnp.abs(get(g4) - get(g_float)).max()) > 0
   assert float(jnp.abs(get(g4)).max()) > 0.1 * float(jnp.abs(get(g_float)).max())
+
+
+@pytest.mark.parametrize("scan,setting", [
+    (False, "W4A4"),
+    (True, q.get_setting("W3A6", w_granularity="tensor")),  # one scale per layer
+])
+def test_prequantized_weights_give_identical_outputs(tiny, scan, setting):
+  """Weights quantized once (prequantize) == quantized inside every pass."""
+  model, params, x = tiny
+  if scan:
+    model, params = _vit(True), _loop_to_scan(params, TINY["depth"])
+  f = lambda v, x: model.apply(v, x)[0]
+  v = {"params": params}
+  want = jax.jit(qm.quantized_apply(f, setting))(v, x)
+  pv = qm.prequantize(f, setting, v, x[:1])
+  got = jax.jit(qm.quantized_apply(f, setting, prequantized=True))(pv, x)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  blk = "encoderblock" if scan else "encoderblock_0"
+  k = pv["params"]["Transformer"][blk]["MlpBlock_0"]["Dense_1"]["kernel"]
+  w = params["Transformer"][blk]["MlpBlock_0"]["Dense_1"]["kernel"]
+  assert k.shape == w.shape and not np.allclose(k, w)
+  levels = lambda a: len(np.unique(np.asarray(a)))
+  if scan:  # per tensor, per layer: at most 2^3 - 1 levels in each layer
+    assert all(levels(k[i]) <= 7 for i in range(TINY["depth"]))
+  else:     # per output channel: at most 15 levels in each column
+    assert max(levels(k[:, j]) for j in range(k.shape[1])) <= 15
+  np.testing.assert_array_equal(pv["params"]["head"]["bias"], params["head"]["bias"])
+  with pytest.raises(ValueError, match="ste=True"):
+    qm.quantized_apply(f, setting, ste=True, prequantized=True)
