@@ -88,6 +88,7 @@ Deviations from the official code (all deliberate):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import time
@@ -439,8 +440,18 @@ def sampled_label_loss(logits: jax.Array, image_index: jax.Array,
 
 
 def _record_fn(apply_fn, output_fn, targets, first_members):
-  """Jitted ``(variables, probes, images, index, key) -> (records, ∂L/∂probes)``."""
+  """Jitted ``(variables, probes, images, index, key) -> (records, ∂L/∂probes)``.
 
+  Cached per (apply_fn, output_fn, targets): calibrating the same model again
+  (other bits, seed or images of the same shape) compiles nothing new.
+  """
+  try:
+    return _record_fn_cached(apply_fn, output_fn, targets, first_members)
+  except TypeError:        # unhashable apply_fn / output_fn
+    return _make_record_fn(apply_fn, output_fn, targets, first_members)
+
+
+def _make_record_fn(apply_fn, output_fn, targets, first_members):
   def loss(probes, variables, images, index, key):
     hooks = _Recorder("record", targets=targets, first_members=first_members)
     with nn.intercept_methods(hooks):
@@ -453,6 +464,9 @@ def _record_fn(apply_fn, output_fn, targets, first_members):
     return state, grads
 
   return jax.jit(step)
+
+
+_record_fn_cached = functools.lru_cache(maxsize=16)(_make_record_fn)
 
 
 def _get(tree, path: str, name: str):
@@ -729,11 +743,11 @@ class _Provider:
     return None
 
 
-def _bake(w_bits: int):
-  def fn(path, kernel, ws):
-    del path
-    return tu.uniform(jnp.asarray(kernel, jnp.float32), ws["interval"], w_bits)
-  return fn
+@functools.partial(jax.jit, static_argnums=2)
+def _bake(params, state, w_bits: int):
+  """Every kernel with ``ptq.weight`` state on its grid (:func:`ops.bake_weights`)."""
+  return ops.bake_weights(params, state, lambda path, kernel, ws: tu.uniform(
+      jnp.asarray(kernel, jnp.float32), ws["interval"], w_bits))
 
 
 def _plain(x):
@@ -880,8 +894,7 @@ def quantize(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
         results[unit.name] = cal.search_attention(unit, values)
     del values
   state = cal.state(results)
-  qparams = jax.jit(lambda p, st: ops.bake_weights(p, st, _bake(w_bits)))(
-      cal.params, state)
+  qparams = _bake(cal.params, state, w_bits)
   seconds = time.perf_counter() - t0
 
   qvariables = {**cal.variables, "params": qparams, COLLECTION: state}
