@@ -134,9 +134,20 @@ def planted_outlier(params, magnitude: float = 100.0,
   return p
 
 
+_JITTED: dict = {}
+
+
 def logits(apply_fn, variables, x) -> np.ndarray:
-  """`apply_fn(variables, x)[0]` (big_vision ViT: logits), jitted, as numpy."""
-  return np.asarray(jax.jit(lambda v, x: apply_fn(v, x)[0])(variables, x))
+  """`apply_fn(variables, x)[0]` (big_vision ViT: logits), jitted, as numpy.
+
+  The jitted function is cached per `apply_fn` (a bound `model.apply` is keyed by its
+  module), so repeated calls with new variables do not recompile.
+  """
+  owner = getattr(apply_fn, "__self__", None)
+  key = (id(owner), apply_fn.__func__) if owner is not None else id(apply_fn)
+  if key not in _JITTED:
+    _JITTED[key] = (apply_fn, jax.jit(lambda v, x: apply_fn(v, x)[0]))
+  return np.asarray(_JITTED[key][1](variables, x))
 
 
 def agreement(a, b) -> float:

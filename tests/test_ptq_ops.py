@@ -123,27 +123,67 @@ def test_points_axes_and_plan_on_a_vit():
   assert by["head", "matmul_input", 0][1] == (2, 4, 4, 32)
   assert by["head", "matmul_input", 1][1] == (2, 32)
   assert ("head", "weight", 1) not in by  # one weight state per module
-  entries = ops.plan(model.apply, minmax_provider(), {"params": params}, x)
-  kinds = {(e["path"], e["kind"], e["call"]) for e in entries}
-  assert len(kinds) == len(entries)
-  assert kinds == {k for k in by if k[1] != "matmul_output"}
+
+
+
+def test_plan_lists_described_points_once():
+  m = _Shared()
+  a = jnp.ones((2, 4))
+  v = m.init(jax.random.key(0), a, a)
+  entries = ops.plan(m.apply, minmax_provider(5), v, a, a)
+  assert [(e["path"], e["kind"], e["call"], e["bits"]) for e in entries] == [
+      ("shared", "matmul_input", 0, 5), ("shared", "weight", 0, 5),
+      ("shared", "matmul_input", 1, 5)]
+  _, st = ops.calibrate(m.apply, minmax_provider(5), v, a, a, jit=False)
+  applied = ops.plan(m.apply, minmax_provider(5), {**v, "intermediates": st}, a, a,
+                     mode="apply")
+  assert [e["kind"] for e in applied] == ["matmul_input", "matmul_input"]
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    y = nn.LayerNorm()(x)
+    y = nn.MultiHeadDotProductAttention(num_heads=2)(y, y)
+    return x + nn.Dense(x.shape[-1], name="fc")(y), None
+
+
+class _Stack(nn.Module):
+  scan: bool
+
+  @nn.compact
+  def __call__(self, x):
+    if self.scan:
+      x, _ = nn.scan(_Block, variable_axes={"params": 0, "intermediates": 0},
+                     split_rngs={"params": True}, length=2)(name="block")(x, None)
+    else:
+      for i in range(2):
+        x, _ = _Block(name=f"block_{i}")(x, None)
+    return x
 
 
 def test_scan_state_is_stacked_like_the_kernels_and_equals_loop():
-  x = F.images(4)
-  m_l, p_l = F.vit_model("gap", scan=False)
-  m_s, p_s = F.vit_model("gap", scan=True)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  loop, scan = _Stack(False), _Stack(True)
+  p_l = loop.init(jax.random.key(1), x)["params"]
+  p_s = {"block": jax.tree.map(lambda *a: jnp.stack(a), p_l["block_0"], p_l["block_1"])}
   prov = minmax_provider(4)
-  y_l, st_l = ops.calibrate(m_l.apply, prov, {"params": p_l}, x)
-  y_s, st_s = ops.calibrate(m_s.apply, prov, {"params": p_s}, x)
-  np.testing.assert_allclose(y_l[0], y_s[0], rtol=1e-4, atol=1e-4)
-  blk = st_s["Transformer"]["encoderblock"]
-  assert blk["MlpBlock_0"]["Dense_0"]["ptq.weight"]["delta"].shape == (2, 1, 64)
-  assert blk["MultiHeadDotProductAttention_0"]["ptq.probs"]["delta"].shape == (2, 1, 1, 1, 1)
+  y_l, st_l = ops.calibrate(loop.apply, prov, {"params": p_l}, x)
+  y_s, st_s = ops.calibrate(scan.apply, prov, {"params": p_s}, x)
+  np.testing.assert_allclose(y_l, y_s, rtol=1e-5, atol=1e-5)
+  blk = st_s["block"]
+  assert blk["fc"]["ptq.weight"]["delta"].shape == (2, 1, 8)
+  assert blk["MultiHeadDotProductAttention_0"]["ptq.probs"]["delta"].shape == (
+      2, 1, 1, 1, 1)
   for i in range(2):
-    jax.tree.map(lambda a, b, i=i: np.testing.assert_allclose(a, b[i], rtol=1e-4,
-                                                              atol=1e-6),
-                 st_l["Transformer"][f"encoderblock_{i}"], blk)
+    jax.tree.map(lambda a, b, i=i: np.testing.assert_allclose(a, b[i], rtol=1e-5,
+                                                              atol=1e-7),
+                 st_l[f"block_{i}"], blk)
+  baked = ops.bake_weights(p_s, st_s, lambda path, w, s: Q.uniform_quantize(
+      w, s["delta"], s["zero_point"], 4))
+  y = jax.jit(ops.intercepted(scan.apply, prov))({"params": baked,
+                                                  "intermediates": st_s}, x)
+  np.testing.assert_allclose(y, y_s, rtol=1e-6, atol=1e-6)
 
 
 class _Shared(nn.Module):
