@@ -190,3 +190,9 @@ def test_errors_and_model_without_layernorm():
   y, yq = m.apply(v, x)[0], qa(qv, x)[0]
   assert 0 < float(jnp.abs(yq - y).max()) < 0.05 * float(jnp.abs(y).max())
   assert qa.info["reparameterised"] == [] and qa.info["calib_images"] == 4
+
+
+def test_unknown_option_is_named():
+  with pytest.raises(ValueError, match=r"unknown option\(s\) \['calib_imgs'\].*num_calib"):
+    ptq.quantize(None, {"params": {}}, np.zeros((1, 4, 4, 3)), "RepQ-ViT/W4A4",
+                 calib_imgs=8)
