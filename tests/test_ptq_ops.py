@@ -235,3 +235,25 @@ def test_intercept_helpers():
   assert intercept.nest(flat) == {"a": {"b": 1, "c": {"d": 2}}}
   assert not intercept.is_matmul(nn.ConvTranspose(3, (2, 2)))
   assert intercept.is_matmul(nn.Conv(3, (2, 2))) and intercept.is_matmul(nn.Dense(2))
+
+
+def test_intercept_record_and_run_merge_repeated_calls():
+  m = _Shared()
+  a, b = jnp.ones((2, 4)), -3 * jnp.ones((2, 4))
+
+  def interceptor(next_fun, args, kwargs, context):
+    mod = context.module
+    if intercept.is_call(context) and intercept.is_matmul(mod):
+      intercept.record(mod, "intermediates", "stat_absmax", jnp.abs(args[0]).max(),
+                       merge=jnp.maximum)
+      intercept.record(mod, "intermediates", "stat_last", args[0].sum())
+    return next_fun(*args, **kwargs)
+
+  v = m.init(jax.random.key(0), a, b)
+  out, tree = intercept.run(m.apply, v, interceptor, a, b)
+  np.testing.assert_allclose(out[1], m.apply(v, a, b)[1])
+  assert intercept.collect(tree, "stat_") == {"shared": {"absmax": 3.0, "last": -24.0}}
+  passthrough = lambda next_fun, args, kwargs, context: next_fun(*args, **kwargs)
+  out2, none = intercept.run(m.apply, v, passthrough, a, b, collection=None)
+  assert none == {}
+  np.testing.assert_array_equal(out2[0], out[0])

@@ -77,6 +77,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from s2d_jax import intercept
 from s2d_jax.ptq import ops
 from s2d_jax.ptq import quantizers as Q
 from s2d_jax.ptq import reparam
@@ -187,7 +188,6 @@ def reparameterize(params: Mapping[str, Any], state: Mapping[str, Any],
 
 
 def _leaf(tree, path):
-  from s2d_jax import intercept  # pylint: disable=g-import-not-at-top
   v = intercept.subtree(tree, path)
   if v is None:
     raise KeyError(f"{METHOD}: no params at '{path}'")
