@@ -331,8 +331,18 @@ def test_calibrated_state_grids_and_info(gap_w6):
   assert (info["method"], info["w_bits"], info["a_bits"], info["calib_images"]) == (
       "PTQ4ViT", 6, 6, 32)
   assert info["options"]["eq_n"] == 100 and info["options"]["search_round"] == 3
-  assert qapply.plan == ptq4vit.plan(model.apply, {"params": params}, F.images(1),
+  assert info["name"] == "PTQ4ViT/W6A6"
+  assert info["ops"] == ptq4vit.plan(model.apply, {"params": params}, F.images(1),
                                      6, 6)
+  # The ops points: every layer's weight, every layer input but the patch
+  # embedding's (both calls of the head), q, k, v, probs of both attentions.
+  kinds = sorted((e["path"].split("/")[-1], e["kind"], e["call"], e["bits"],
+                  e["granularity"]) for e in info["plan"])
+  assert ("embedding", "weight", 0, 6, "channel") in kinds
+  assert not any(k[:2] == ("embedding", "matmul_input") for k in kinds)
+  assert ("head", "matmul_input", 1, 6, "tensor") in kinds
+  assert sum(k[1] == "probs" for k in kinds) == 2
+  assert len(kinds) == 1 + 2 * (6 + 6 + 4) + 3        # embedding, 2 blocks, head
   layers = {l["op"]: l for l in info["layers"]}
   # The head is called on the token map (call 0, logits_2d) and on the pooled
   # features (call 1, the logits): only the call that reaches the loss calibrates.
@@ -471,7 +481,7 @@ def test_errors(gap_w6):
                     (dict(post_gelu="("), "post_gelu"), (dict(eq_n=0), "eq_n")):
     with pytest.raises(ValueError, match=match):
       ptq4vit.quantize(model.apply, v, x, 6, 6, **kw)
-  with pytest.raises(TypeError, match="eq_gamma"):
+  with pytest.raises(ValueError, match="eq_gamma"):
     ptq.quantize(model.apply, v, x, "PTQ4ViT/W6A6", eq_gamma=1)
   with pytest.raises(KeyError, match="calibrated state"):   # float variables
     qapply(v, x)

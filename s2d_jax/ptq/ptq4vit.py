@@ -48,7 +48,18 @@ then its intervals are searched with ``err = Σ (g ⊙ (O - Ô))²`` (see
 :mod:`~s2d_jax.ptq.twin_uniform`). Because calibration never sees quantized
 neighbours, layers are independent: the layers' ``(X, O, g)`` are recorded in a few
 forward+backward passes over the calibration set (as many as needed to keep the
-recorded tensors under ``capture_gib``) instead of one pass per layer.
+recorded tensors under ``capture_gib``) instead of one pass per layer, and each
+search evaluates as many candidates at once as ``search_gib`` holds. Cost: about
+``2 · 101 · rounds`` (≤ 606) evaluations of every layer, i.e. several hundred float
+passes over the calibration set (measured below 1.5·10³ on CPU, README).
+
+Recording uses this module's own small interceptor (:class:`_Recorder`): the
+shared :mod:`s2d_jax.ptq.ops` points (layer inputs/outputs, q, k, v, probs) do not
+include the attention logits and the probs·v output with their gradients, nor which
+of q/k/v share one input. The calibrated model runs on ``ops`` (a provider that
+quantizes layer inputs, q, k, v and probs; weights baked once with
+``ops.bake_weights``); its state is ``ops``' ``ptq.<kind>`` layout in
+``'intermediates'`` (stacked per layer under ``nn.scan``).
 
 Deviations from the official code (all deliberate):
 
@@ -109,8 +120,9 @@ COLLECTION = intercept.COLLECTION
 PREFIX = "ptq4vit_"
 POST_GELU = r"(^|/)MlpBlock_\d+/Dense_1$"
 
-# Recorded points: (value names, probe name) per kind of record.
-_LINEAR_POINTS = ("x", "o")
+# Recorded values of the attention matmuls (operand A, operand B, output) and the
+# zero probe on each output whose gradient is ∂L/∂output. Layers record their input
+# rows "x", output "o" and probe "g"; every name carries the call index ("o0").
 _QK_POINTS = ("q", "k", "s")
 _PV_POINTS = ("p", "v", "y")
 _PROBES = {"o": "g", "s": "ds", "y": "dy"}
@@ -500,8 +512,10 @@ class _Calibrator:
   """Recording passes, searches, and the quantized params / state they give."""
 
   def __init__(self, apply_fn, variables, images, w_bits, a_bits, *, output_fn,
-               batch_size, cfg, post_gelu, capture_gib, seed, label_samples):
+               batch_size, cfg, post_gelu, capture_gib, seed, label_samples,
+               search_gib=1.0):
     self.apply_fn, self.output_fn, self.cfg = apply_fn, output_fn, cfg
+    self.search_bytes = search_gib * 2 ** 30
     self.key, self.label_samples = jax.random.key(seed), label_samples
     self.variables = {k: v for k, v in variables.items() if k != COLLECTION}
     self.params = variables["params"]
@@ -587,6 +601,14 @@ class _Calibrator:
     used = [i for i, cs in by_call.items() if any(bool(jnp.any(c != 0)) for c in cs)]
     return (sorted(used), False) if used else (sorted(by_call), True)
 
+  def _cfg(self, out_size: int) -> tu.SearchConfig:
+    """The search config with as many candidates per step as ``search_gib`` holds
+    (about three float32 copies of the output per candidate)."""
+    if self.cfg.candidate_batch is not None:
+      return self.cfg
+    batch = int(max(1, min(self.cfg.eq_n + 1, self.search_bytes // (12 * out_size))))
+    return dataclasses.replace(self.cfg, candidate_batch=batch)
+
   def _stacked(self, path) -> bool:
     kernel = intercept.subtree(self.params, path)["kernel"]
     return kernel.ndim == self.layers[path]["kernel_ndim"] + 1
@@ -625,7 +647,7 @@ class _Calibrator:
       results.append(tu.search_linear(
           x, w, b, o, g, w_bits=self.w_bits, a_bits=None if conv else self.a_bits,
           n_groups=w.shape[1] if conv else len(unit.paths),
-          act=None if conv else unit.act, cfg=self.cfg))
+          act=None if conv else unit.act, cfg=self._cfg(o.size)))
     out = _stack(results, stacked)
     out.update(calls=calls, grad_free=grad_free)
     return out
@@ -646,7 +668,8 @@ class _Calibrator:
                     for pt in points + (grad_point,))
       if grad_free:
         g = jnp.ones_like(g)
-      results.append(search(a, b, o, g, bits=self.a_bits, cfg=self.cfg))
+      size = max(o.size, a.size) if unit.kind == "pv" else o.size
+      results.append(search(a, b, o, g, bits=self.a_bits, cfg=self._cfg(size)))
     out = _stack(results, stacked)
     out.update(calls=calls, grad_free=grad_free)
     return out
@@ -708,8 +731,10 @@ class _Provider:
 
   attention = True
 
-  def __init__(self, acts: Mapping[str, str | None], w_bits: int, a_bits: int):
+  def __init__(self, acts: Mapping[str, str | None], w_bits: int, a_bits: int,
+               calibration: str = ""):
     self.acts, self.w_bits, self.a_bits = dict(acts), w_bits, a_bits
+    self.calibration = calibration
 
   def __call__(self, ctx: ops.Context, x: jax.Array) -> jax.Array:
     kind, path = ctx.point.kind, ctx.point.path
@@ -728,18 +753,26 @@ class _Provider:
     return y.astype(x.dtype)
 
   def describe(self, point: ops.Point) -> dict[str, Any] | None:
-    if point.kind == "weight" and point.path in self.acts:
+    """One entry of ``info['plan']`` (None: the point stays float)."""
+    cal = dict(calibration=self.calibration)
+    if point.kind == "weight":
+      if point.path not in self.acts:
+        return None
       conv = point.module_type == "Conv"
       return dict(bits=self.w_bits, quantizer="uniform",
-                  granularity="per output channel" if conv else "per tensor")
-    if point.kind == "matmul_input" and self.acts.get(point.path):
-      return dict(bits=self.a_bits, quantizer=self.acts[point.path],
-                  granularity="per tensor")
+                  granularity="channel" if conv else "tensor", **cal)
+    if point.kind == "matmul_input":
+      act = self.acts.get(point.path)
+      if act is None:
+        return None
+      return dict(bits=self.a_bits,
+                  quantizer="post-GELU twin uniform" if act == "post_gelu"
+                  else "uniform", granularity="tensor", **cal)
     if point.kind in ("q", "k", "v"):
-      return dict(bits=self.a_bits, quantizer="uniform", granularity="per head")
+      return dict(bits=self.a_bits, quantizer="uniform", granularity="head", **cal)
     if point.kind == "probs":
-      return dict(bits=self.a_bits, quantizer="post_softmax",
-                  granularity="per tensor (split)")
+      return dict(bits=self.a_bits, quantizer="post-softmax twin uniform",
+                  granularity="tensor (one split)", **cal)
     return None
 
 
@@ -836,8 +869,7 @@ def quantize(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
              eq_alpha: float = 0.01, eq_beta: float = 1.2, eq_n: int = 100,
              search_round: int = 3, n_splits: int = 20,
              post_gelu: str = POST_GELU, capture_gib: float = 4.0,
-             candidate_batch: int | None = None, seed: int = 0,
-             label_samples: int = 1
+             search_gib: float = 1.0, seed: int = 0, label_samples: int = 1
              ) -> tuple[Callable[..., Any], dict[str, Any]]:
   """Calibrates PTQ4ViT ``W<w_bits>A<a_bits>`` (contract: :func:`s2d_jax.ptq.quantize`).
 
@@ -853,7 +885,9 @@ def quantize(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
       (defaults: the official ``configs/PTQ4ViT.py``).
     post_gelu: regex on module paths of the Dense layers whose input is post-GELU.
     capture_gib: device memory for recorded activations per pass (GiB).
-    candidate_batch: candidates evaluated at once in a search (None: one).
+    search_gib: device memory for evaluating candidates at once (GiB): each
+      search evaluates as many candidates per step as fit (the official code
+      sizes its ``parallel_eq_n`` the same way); results do not depend on it.
     seed: PRNG seed of the labels drawn for the metric's gradient.
     label_samples: labels drawn per image (the metric uses the mean of ``g²``
       over the draws; official: one backward pass per image).
@@ -862,26 +896,28 @@ def quantize(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
     ``(qapply, qvariables)``: ``qvariables = {'params': weights on their grids,
     'intermediates': the calibrated intervals in the ops state layout}``;
     ``qapply(qvariables, images, **kw)`` runs the fake-quantized model;
-    ``qapply.info`` (JSON-able: options, per-op intervals, rounds, calls used,
-    recording passes, seconds) and ``qapply.plan`` (the ops table, :func:`plan`).
+    ``qapply.info`` is JSON-able: ``method``, ``name``, bits, ``calib_images``,
+    ``options``, ``plan`` (every quantized ``ops`` point: path, kind, call,
+    bits, quantizer, granularity), ``ops`` (the official wrapped modules,
+    :func:`plan`), ``layers`` (per op: chosen and initial intervals, rounds, calls
+    used), ``recording_passes`` and ``calibration_s``.
   """
   w_bits, a_bits, images = _check(variables, calib_images, w_bits, a_bits, post_gelu)
   _check_int("batch_size", batch_size, 1)
   _check_int("seed", seed, -2 ** 63)
   _check_int("label_samples", label_samples, 1)
-  if isinstance(capture_gib, bool) or not (isinstance(capture_gib, (int, float))
-                                           and capture_gib > 0):
-    raise ValueError(f"PTQ4ViT: capture_gib must be > 0, got {capture_gib!r}")
+  for name, value in (("capture_gib", capture_gib), ("search_gib", search_gib)):
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+      raise ValueError(f"PTQ4ViT: {name} must be a number > 0, got {value!r}")
   cfg = tu.SearchConfig(eq_alpha=eq_alpha, eq_beta=eq_beta, eq_n=eq_n,
-                        search_round=search_round, n_splits=n_splits,
-                        candidate_batch=candidate_batch)
+                        search_round=search_round, n_splits=n_splits)
   output_fn = output_fn or _default_output_fn
 
   t0 = time.perf_counter()
   cal = _Calibrator(apply_fn, variables, images, w_bits, a_bits, output_fn=output_fn,
                     batch_size=batch_size, cfg=cfg, post_gelu=post_gelu,
                     capture_gib=capture_gib, seed=seed,
-                    label_samples=label_samples)
+                    label_samples=label_samples, search_gib=search_gib)
   units = cal.plan()
   passes = cal.passes()
   results = {}
@@ -899,16 +935,26 @@ def quantize(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
 
   qvariables = {**cal.variables, "params": qparams, COLLECTION: state}
   acts = {p: u.act for u in units if u.kind in ("linear", "conv") for p in u.paths}
-  qapply = ops.intercepted(apply_fn, _Provider(acts, w_bits, a_bits), mode="apply")
+  provider = _Provider(acts, w_bits, a_bits, calibration=(
+      f"Hessian-guided search ({eq_n + 1} candidates {eq_alpha}..{eq_beta} x "
+      f"min-max, {search_round} rounds; softmax split among 2^-i, i < {n_splits})"))
+  qapply_inner = ops.intercepted(apply_fn, provider, mode="apply")
+
+  def qapply(qvars, *args, **kwargs):
+    return qapply_inner(qvars, *args, **kwargs)
+
+  points = ops.plan(apply_fn, provider, qvariables, images[:1])
+  qapply.provider = provider
   qapply.info = dict(
-      method="PTQ4ViT", w_bits=w_bits, a_bits=a_bits,
-      calib_images=int(images.shape[0]),
+      method="PTQ4ViT", name=f"PTQ4ViT/W{w_bits}A{a_bits}", w_bits=w_bits,
+      a_bits=a_bits, calib_images=int(images.shape[0]),
       options=dict(batch_size=batch_size, eq_alpha=eq_alpha, eq_beta=eq_beta,
                    eq_n=eq_n, search_round=search_round, n_splits=n_splits,
-                   post_gelu=post_gelu, capture_gib=capture_gib, seed=seed,
-                   label_samples=label_samples, metric="hessian: sum (dL/dO * (O - O_hat))^2",
+                   post_gelu=post_gelu, capture_gib=capture_gib,
+                   search_gib=search_gib, seed=seed, label_samples=label_samples,
+                   metric="hessian: sum (dL/dO * (O - O_hat))^2",
                    loss="cross-entropy vs labels drawn from the float softmax"),
-      recording_passes=len(passes), calibration_seconds=seconds,
-      layers=[_unit_info(u, results[u.name], w_bits, a_bits) for u in units])
-  qapply.plan = [_op_entry(u, w_bits, a_bits) for u in units]
+      plan=points, ops=[_op_entry(u, w_bits, a_bits) for u in units],
+      layers=[_unit_info(u, results[u.name], w_bits, a_bits) for u in units],
+      recording_passes=len(passes), calibration_s=seconds)
   return qapply, qvariables
