@@ -53,7 +53,11 @@ The last row left is the bias (stays float); without a bias it is the last
 weight row, which is then rounded to nearest (the official code leaves it
 to the final weight quantizer). Output channels are independent throughout
 (the official code processes them in groups of 500 only to bound memory).
-:func:`wqer`.
+:func:`wqer` runs every half with the same shapes (the block and the float
+rows are masks over all rows, the float rows' system padded with identity):
+one compiled loop body per layer shape, at the price of ``n × n`` instead of
+shrinking solves (``log₂ n`` Cholesky factorisations of size ``n``: a few ms
+for ViT-B's ``n = 3073`` on an accelerator).
 
 **GPTQ** (Frantar et al. ICLR 2023, Alg. 1; IST-DASLab/gptq ``fasterquant``):
 ``H = XᵀX`` (the scale is irrelevant), dead inputs (``H_ii = 0``) get
@@ -71,12 +75,20 @@ refinement a ``lax.while_loop``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy import linalg as jsl
+
+from s2d_jax import intercept
+from s2d_jax import spectral
+from s2d_jax.ptq import ops
 
 _HI = jax.lax.Precision.HIGHEST
 ROUNDINGS = ("round", "floor", "ceil")
@@ -178,13 +190,14 @@ def aqer(w: jax.Array, b: jax.Array | None, moments: Moments, lam: float
 
 # ----------------------------------------------------------------- weight grid
 
-@functools.partial(jax.jit, static_argnames=("qmax", "rounding"))
+@functools.partial(jax.jit, static_argnames=("rounding",))
 def grid_quantize(w: jax.Array, scale: jax.Array, zero: jax.Array, qmax: int,
                   rounding: str = "round") -> jax.Array:
   """``s·(clip(∘(w/s) + z, 0, qmax) − z)`` with ∘ = round (half to even) / floor / ceil.
 
   The asymmetric integer grid of RepQ-ViT / ERQ / GPTQ weight quantizers;
-  ``scale`` and ``zero`` (integer valued) broadcast against ``w``.
+  ``scale`` and ``zero`` (integer valued) broadcast against ``w``; ``qmax``
+  may be traced (one compile for every bit width).
   """
   if rounding not in ROUNDINGS:
     raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
@@ -192,7 +205,7 @@ def grid_quantize(w: jax.Array, scale: jax.Array, zero: jax.Array, qmax: int,
   return (jnp.clip(r(w / scale) + zero, 0, qmax) - zero) * scale
 
 
-@functools.partial(jax.jit, static_argnames=("bits",))
+@jax.jit
 def minmax_grid(w: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
   """GPTQ's weight quantizer: per output channel (column) asymmetric min–max.
 
@@ -204,7 +217,7 @@ def minmax_grid(w: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
   hi = jnp.maximum(jnp.max(w, axis=0, keepdims=True), 0.0)
   dead = (lo == 0) & (hi == 0)
   lo, hi = jnp.where(dead, -1.0, lo), jnp.where(dead, 1.0, hi)
-  s = (hi - lo) / (2 ** bits - 1)
+  s = (hi - lo) / (jnp.exp2(jnp.asarray(bits, jnp.float32)) - 1.0)
   return s, jnp.round(-lo / s)
 
 
@@ -255,7 +268,6 @@ def refine_rounding(err_floor: jax.Array, err_ceil: jax.Array, up: jax.Array,
   err_ceil = jnp.asarray(err_ceil, jnp.float32).T
   up = jnp.asarray(up, bool).T
   n_out = up.shape[0]
-  rows = jnp.arange(n_out)
   cdiag = jnp.diagonal(c)
   delta = jnp.where(up, err_ceil, err_floor)
   g = 2.0 * jnp.matmul(delta, c, precision=_HI)
@@ -264,22 +276,25 @@ def refine_rounding(err_floor: jax.Array, err_ceil: jax.Array, up: jax.Array,
     step, _, _, _, active = state
     return (step < max_steps) & jnp.any(active)
 
+  cols = jnp.arange(up.shape[1])
+
   def body(state):
     step, up, delta, g, active = state
     cand = delta * g > 0
     has = jnp.any(cand, axis=1)
     j = jnp.argmax(jnp.where(cand, jnp.abs(g), -1.0), axis=1)
-    dj, gj = delta[rows, j], g[rows, j]
-    cj, fj = err_ceil[rows, j], err_floor[rows, j]
+    hot = cols[None, :] == j[:, None]                       # (out, k) one-hot
+    pick = lambda a: jnp.sum(jnp.where(hot, a, 0.0), axis=1)
+    dj, gj, cj, fj = pick(delta), pick(g), pick(err_ceil), pick(err_floor)
     v = dj - gj
     new_up = jnp.abs(v - cj) <= jnp.abs(v - fj)
     t = jnp.where(new_up, cj, fj) - dj
     change = t * gj + t * t * cdiag[j]
     move = active & has & (change <= 0) & (t != 0)
     tm = jnp.where(move, t, 0.0)
-    up = up.at[rows, j].set(jnp.where(move, new_up, up[rows, j]))
-    delta = delta.at[rows, j].add(tm)
-    g = g + 2.0 * tm[:, None] * c[j]
+    up = jnp.where(hot & move[:, None], new_up[:, None], up)
+    delta = delta + jnp.where(hot, tm[:, None], 0.0)
+    g = g + 2.0 * tm[:, None] * jnp.take(c, j, axis=0)
     return step + 1, up, delta, g, move
 
   active = jnp.ones((n_out,), bool)
@@ -296,7 +311,7 @@ def proxy_matrix(aa: jax.Array, start: int, stop: int) -> jax.Array:
   return (s - jnp.outer(mu, mu)) / (n - 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("qmax", "refine", "max_steps"))
+@functools.partial(jax.jit, static_argnames=("refine", "max_steps"))
 def wqer(w: jax.Array, b: jax.Array | None, aa: jax.Array, scale: jax.Array,
          zero: jax.Array, qmax: int, lam: float, *, refine: bool = True,
          max_steps: int = 100) -> jax.Array:
@@ -320,37 +335,54 @@ def wqer(w: jax.Array, b: jax.Array | None, aa: jax.Array, scale: jax.Array,
   d, n_out = w.shape
   _check_square("wqer", aa, d + 1)
   w = jnp.asarray(w, jnp.float32)
-  scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (d, n_out))
-  zero = jnp.broadcast_to(jnp.asarray(zero, jnp.float32), (d, n_out))
-  if b is None:
-    cur, g = w, aa[:d, :d]
-  else:
-    cur = jnp.concatenate([w, jnp.asarray(b, jnp.float32)[None]], axis=0)
-    g = aa
-  n = cur.shape[0]
-  out_rows = []
-  for start, stop in halves(n):
-    wb, sb, zb = cur[start:stop], scale[start:stop], zero[start:stop]
-    qf = grid_quantize(wb, sb, zb, qmax, "floor")
-    qc = grid_quantize(wb, sb, zb, qmax, "ceil")
-    up = grid_quantize(wb, sb, zb, qmax, "round") == qc
+  aa = jnp.asarray(aa, jnp.float32)
+  n = d if b is None else d + 1
+  pad = ((0, n - d), (0, 0))
+  scale = jnp.pad(jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (d, n_out)),
+                  pad, constant_values=1.0)
+  zero = jnp.pad(jnp.broadcast_to(jnp.asarray(zero, jnp.float32), (d, n_out)), pad)
+  cur = w if b is None else jnp.concatenate(
+      [w, jnp.asarray(b, jnp.float32)[None]], axis=0)
+  g = aa[:n, :n]
+  # the proxy matrix of all weight rows (the bias row, if any, never in a block)
+  c_all = jnp.pad(proxy_matrix(aa, 0, d), pad[:1] * 2)
+  sched = halves(n)
+  starts = jnp.asarray([a for a, _ in sched], jnp.int32)
+  stops = jnp.asarray([z for _, z in sched], jnp.int32)
+  idx = jnp.arange(n)
+
+  def one_half(h, cur):
+    # Fixed shapes for every half (one compiled body): the block B and the
+    # float rows R are masks over all n rows; R's system is padded with identity.
+    in_b = (idx >= starts[h]) & (idx < stops[h])
+    in_r = idx >= stops[h]
+    qf = grid_quantize(cur, scale, zero, qmax, "floor")
+    qc = grid_quantize(cur, scale, zero, qmax, "ceil")
+    up = grid_quantize(cur, scale, zero, qmax, "round") == qc
     if refine:
-      up, _ = refine_rounding(qf - wb, qc - wb, up,
-                              proxy_matrix(aa, start, stop), max_steps)
+      mb = in_b[:, None]
+      up, _ = refine_rounding(jnp.where(mb, qf - cur, 0.0),
+                              jnp.where(mb, qc - cur, 0.0), up,
+                              c_all * (mb & in_b[None, :]), max_steps)
     qb = jnp.where(up, qc, qf)
-    delta = qb - wb
-    rhs = jnp.matmul(g[stop:, start:stop], delta, precision=_HI)
-    cur = cur.at[stop:].add(-_spd_solve(g[stop:, stop:], rhs, lam))
-    out_rows.append(qb)
+    delta = jnp.where(in_b[:, None], qb - cur, 0.0)
+    rhs = jnp.where(in_r[:, None], jnp.matmul(g, delta, precision=_HI), 0.0)
+    g_r = jnp.where(in_r[:, None] & in_r[None, :], g, 0.0)
+    g_r = g_r + jnp.diag(jnp.where(in_r, lam, 1.0))
+    comp = jsl.cho_solve(jsl.cho_factor(0.5 * (g_r + g_r.T), lower=True), rhs)
+    return jnp.where(in_b[:, None], qb, cur - comp)
+
+  cur = jax.lax.fori_loop(0, len(sched), one_half, cur)
   if b is None:  # the last weight row: nearest rounding, no one left to compensate
-    out_rows.append(grid_quantize(cur[n - 1:], scale[n - 1:], zero[n - 1:], qmax))
-    return jnp.concatenate(out_rows, axis=0), None
-  return jnp.concatenate(out_rows, axis=0), cur[d]
+    cur = cur.at[n - 1].set(grid_quantize(cur[n - 1], scale[n - 1], zero[n - 1],
+                                          qmax))
+    return cur, None
+  return cur[:d], cur[d]
 
 
 # ---------------------------------------------------------------------- GPTQ
 
-@functools.partial(jax.jit, static_argnames=("qmax", "blocksize"))
+@functools.partial(jax.jit, static_argnames=("blocksize",))
 def gptq(w: jax.Array, h: jax.Array, scale: jax.Array, zero: jax.Array,
          qmax: int, *, blocksize: int = 128, percdamp: float = 0.01
          ) -> jax.Array:
@@ -397,3 +429,243 @@ def gptq(w: jax.Array, h: jax.Array, scale: jax.Array, zero: jax.Array,
     if i2 < d:
       w = w.at[i2:].add(-jnp.matmul(u[i1:i2, i2:].T, e1, precision=_HI))
   return jnp.concatenate(q_rows, axis=0)
+
+
+# ================================================================ model side
+#
+# Layers of a Flax model seen from the outside (s2d_jax.intercept): which matmuls
+# there are, in forward order, their kernels as matrices, and their input moments
+# streamed over calibration batches inside one jitted forward pass per batch.
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One matmul layer (Dense / DenseGeneral / Conv) of a model.
+
+  Attributes:
+    path: module path, e.g. ``'Transformer/encoderblock_0/MlpBlock_0/Dense_0'``
+      (= the path of its params; under ``nn.scan`` the stacked module).
+    kind: ``'Dense'``, ``'DenseGeneral'`` or ``'Conv'``.
+    view: matrix view of the *stored* kernel (leading layer axis under scan).
+    bias: whether the layer has a bias.
+    calls: calls per forward pass. Statistics use the **last** call (big_vision's
+      head is called on the token map, then on the pooled features that make
+      the logits).
+    input_ndim: rank of the last call's input as the layer sees it (2 for a
+      pooled ``(B, D)`` input: ERQ's "2-D input" rule).
+    order: position of the layer's first call in the forward pass.
+    shares: path of the first layer in forward order called (last call) with the
+      very same input array and the same parent module (attention q/k/v on one
+      input: their statistics are identical and computed once); itself if none.
+  """
+  path: str
+  kind: str
+  view: spectral.MatrixView
+  bias: bool
+  calls: int
+  input_ndim: int
+  order: int
+  shares: str
+
+  @property
+  def depth(self) -> int:
+    """Stacked layers under ``nn.scan`` (1 in the loop layout)."""
+    return self.view.num_matrices
+
+  @property
+  def rows(self) -> int:
+    return self.view.rows
+
+  @property
+  def cols(self) -> int:
+    return self.view.cols
+
+
+def _parent(path: str) -> str:
+  return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def discover_layers(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
+                    images: jax.Array, **apply_kwargs: Any) -> list[Layer]:
+  """All matmul layers of ``apply_fn`` in forward order (traced, nothing run)."""
+  counter = intercept.CallCounter()
+  calls: dict[str, dict[int, tuple[Any, int]]] = {}
+  kinds: dict[str, tuple[str, bool]] = {}
+  order: list[str] = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    mod = context.module
+    if (intercept.is_call(context) and intercept.is_matmul(mod) and args
+        and not intercept.is_wrapped(mod)):
+      path = intercept.module_path(mod)
+      i = counter.index(mod, path)
+      if path not in kinds:
+        kinds[path] = (type(mod).__name__, bool(getattr(mod, "use_bias", True)))
+        order.append(path)
+      # keep the input object itself: identity marks layers sharing one input
+      calls.setdefault(path, {})[i] = (args[0], jnp.ndim(args[0]))
+    return next_fun(*args, **kwargs)
+
+  def f(v, x):
+    with nn.intercept_methods(interceptor):
+      return apply_fn(v, x, **apply_kwargs)
+
+  jax.eval_shape(f, variables, images)
+  params = variables["params"]
+  layers, first_input = [], {}
+  for k, path in enumerate(order):
+    kernel = intercept.subtree(params, path + "/kernel")
+    if kernel is None:
+      raise ValueError(f"layer {path!r}: no params at '{path}/kernel'")
+    kp = tuple(path.split("/")) + ("kernel",)
+    view = spectral.matrix_view(kp, kernel.shape)
+    if view is None:
+      raise ValueError(f"layer {path!r}: kernel {kernel.shape} has no matrix view")
+    last = calls[path][max(calls[path])]
+    shares = path
+    for other, (obj, parent) in first_input.items():
+      if obj is last[0] and parent == _parent(path):
+        shares = other
+        break
+    else:
+      first_input[path] = (last[0], _parent(path))
+    kind, bias = kinds[path]
+    bias = bias and intercept.subtree(params, path + "/bias") is not None
+    layers.append(Layer(path, kind, view, bias, len(calls[path]), last[1], k,
+                        shares))
+  calls.clear()
+  first_input.clear()
+  return layers
+
+
+def split_batches(images: Any, batch_size: int) -> list[np.ndarray]:
+  """Consecutive batches of at most ``batch_size`` (the order is part of the
+  result), sliced on the host (no per-slice device program)."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  images = np.asarray(images)
+  return [images[i:i + batch_size] for i in range(0, images.shape[0], batch_size)]
+
+
+@jax.jit
+def _tree_add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+MOMENTS = "moments"   # name of the moments record at a matmul_input point
+
+
+class MomentStream:
+  """Streams :class:`Moments` of the inputs of the layers ``paths`` over images.
+
+  ``MomentStream(apply_fn, paths, ...)(variables, images)`` runs one *float*
+  forward pass per batch through the PTQ op interception
+  (:mod:`s2d_jax.ptq.ops`, calibration mode), jitted once and reused across
+  calls with new ``variables``. At each listed layer's ``matmul_input`` point,
+  ``x̄ = act_provider(ctx, x)`` (the layer's calibrated activation quantizer,
+  whose state is in ``variables``; identity if None) and the moments of
+  ``matmul_rows(x̄)`` (and of ``x`` if ``with_float``) are recorded, so that
+  only ``(d+1)²`` numbers per layer and call leave the pass; the pass itself
+  continues in float. Batches are summed in order (deterministic). Under
+  ``nn.scan`` a stacked layer's moments carry the layer axis. A module
+  called several times contributes its **last** call.
+  """
+
+  def __init__(self, apply_fn: Callable[..., Any], paths: Iterable[str], *,
+               act_provider: Callable[[Any, jax.Array], jax.Array] | None = None,
+               with_float: bool = False, **apply_kwargs: Any):
+    self.paths = frozenset(paths)
+    self.with_float = with_float
+    paths_ = self.paths
+
+    def stats(ctx, x):
+      p = ctx.point
+      if p.kind == "matmul_input" and p.path in paths_:
+        xq = x if act_provider is None else act_provider(ctx, x)
+        rows_q = intercept.matmul_rows(ctx.module, jnp.asarray(xq, jnp.float32))
+        rows_f = (intercept.matmul_rows(ctx.module, jnp.asarray(x, jnp.float32))
+                  if with_float else None)
+        m = batch_moments(rows_q, rows_f)
+        ctx.put({"aa": m.aa} if m.af is None else {"aa": m.aa, "af": m.af},
+                MOMENTS)
+      return x
+
+    stats.attention = False   # q, k, probs, v: float (nothing to record there)
+    f = ops.intercepted(apply_fn, stats, mode="calib")
+    suffix = "." + MOMENTS
+
+    def one(variables, x):
+      _, tree = f(variables, x, **apply_kwargs)
+      out = {}
+      for (path, name), v in ops.entries(tree).items():
+        if name.endswith(suffix):
+          out[f"{path}|{name}"] = v
+      return out
+
+    self._one = jax.jit(one)
+
+  def __call__(self, variables: Mapping[str, Any], images: jax.Array,
+               batch_size: int = 32) -> dict[str, Moments]:
+    """``{path: Moments}`` summed over ``images`` in batches of ``batch_size``."""
+    total = None
+    for batch in split_batches(images, batch_size):
+      tree = self._one(variables, batch)
+      total = tree if total is None else _tree_add(total, tree)
+    last: dict[str, tuple[int, Moments]] = {}
+    for key, v in (total or {}).items():
+      path, name = key.split("|")
+      point = name[len(ops.PREFIX):-len(MOMENTS) - 1]     # 'matmul_input@1'
+      call = int(point.split("@")[1]) if "@" in point else 0
+      if path not in last or call > last[path][0]:
+        last[path] = (call, Moments(v["aa"], v.get("af")))
+    missing = sorted(self.paths - set(last))
+    if missing:
+      raise ValueError(f"MomentStream: layers {missing} were not called")
+    return {path: m for path, (_, m) in sorted(last.items())}
+
+
+def layer_matrix(params: Mapping[str, Any], layer: Layer, index: int | None = None
+                 ) -> tuple[jax.Array, jax.Array | None]:
+  """``(W (rows, cols), b (cols,) | None)`` of ``layer`` (layer ``index`` under scan)."""
+  w = layer.view.to_matrix(jnp.asarray(intercept.subtree(params, layer.path + "/kernel")))
+  b = intercept.subtree(params, layer.path + "/bias") if layer.bias else None
+  if b is not None:
+    b = jnp.asarray(b).reshape(layer.view.batch_shape + (layer.cols,))
+  if layer.view.batch_ndim:
+    if index is None:
+      raise ValueError(f"layer {layer.path!r} is stacked ({layer.depth} layers): "
+                       "pass index=")
+    w = w.reshape((-1,) + w.shape[-2:])[index]
+    b = None if b is None else b.reshape(-1, layer.cols)[index]
+  return w, b
+
+
+def _replace(tree: Mapping[str, Any], parts: tuple[str, ...], value: Any):
+  out = dict(tree)
+  out[parts[0]] = value if len(parts) == 1 else _replace(tree[parts[0]], parts[1:],
+                                                         value)
+  return out
+
+
+def set_layer_matrix(params: Mapping[str, Any], layer: Layer, w: jax.Array,
+                     b: jax.Array | None, index: int | None = None
+                     ) -> dict[str, Any]:
+  """``params`` with ``layer``'s kernel (and bias, if given) set from matrix ``w``.
+
+  Values are cast to the stored dtype; under scan only layer ``index`` changes.
+  """
+  parts = tuple(layer.path.split("/"))
+  kernel = jnp.asarray(intercept.subtree(params, layer.path + "/kernel"))
+  core = layer.view.shape[layer.view.batch_ndim:]
+  new_k = w.reshape(core).astype(kernel.dtype)
+  if layer.view.batch_ndim:
+    flat = kernel.reshape((-1,) + core).at[index].set(new_k)
+    new_k = flat.reshape(kernel.shape)
+  params = _replace(params, parts + ("kernel",), new_k)
+  if b is not None:
+    bias = jnp.asarray(intercept.subtree(params, layer.path + "/bias"))
+    per = bias.shape[layer.view.batch_ndim:]
+    new_b = b.reshape(per).astype(bias.dtype)
+    if layer.view.batch_ndim:
+      new_b = bias.reshape((-1,) + per).at[index].set(new_b).reshape(bias.shape)
+    params = _replace(params, parts + ("bias",), new_b)
+  return params
