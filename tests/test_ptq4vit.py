@@ -250,7 +250,6 @@ def test_search_attention_matmuls_match_official_loops():
 # The calibration flow on the shared fixtures (tests/ptq_fixtures.py)
 # ----------------------------------------------------------------------------
 
-import functools  # noqa: E402
 import json  # noqa: E402
 
 import ptq_fixtures as F  # noqa: E402
@@ -305,14 +304,9 @@ def test_plan_lists_exactly_the_official_ops(pool, scan):
       assert r["w_bits"] is None and r["a_bits"] == 6
 
 
-@functools.lru_cache(maxsize=None)
-def _float_logits_fn(apply_fn):
-  return jax.jit(lambda v, x: apply_fn(v, x)[0])
-
-
 def _agreement(model, params, qapply, qvars, x):
-  f = _float_logits_fn(model.apply)({"params": params}, x)
-  return F.agreement(f, F.logits(qapply, qvars, x))
+  return F.agreement(F.logits(model.apply, {"params": params}, x),
+                     F.logits(qapply, qvars, x))
 
 
 @pytest.fixture(scope="module")
@@ -373,9 +367,9 @@ def test_calibrated_state_grids_and_info(gap_w6):
       assert 0 <= i.min() and i.max() <= 100.001
   pv = layers[f"Transformer/encoderblock_0/{ATT}/matmul_pv"]
   assert pv["split"] in [2.0 ** -i for i in range(20)]
-  assert _agreement(model, params, qapply, qvars, F.images(256, seed=1)) >= 0.85
-  # measured 0.89 (W5A5 0.79, W4A4 0.72; uniform min-max static W6A6 0.91 with
-  # per-channel weights and 8-bit patch embedding and head)
+  assert _agreement(model, params, qapply, qvars, F.images(256, seed=1)) >= 0.93
+  # measured 0.973 (W8A8 0.980, W5A5 0.953, W4A4 0.879; quant_model's min-max
+  # 'W6A6-static', per-channel weights and 8-bit patch embedding / head: 0.977)
 
 
 def test_devices_1_2_8_identical(gap_w6):
@@ -452,14 +446,14 @@ def test_recorded_gradients_are_the_sampled_label_cross_entropy(gap_w6):
 
 def test_planted_outlier_w6a6_stays_near_float(gap_w6):
   """One post-LN channel x100 (consumers / 100): per-tensor min-max static W6A6
-  collapses on this fixture (0.37 top-1 agreement, quant_model 'W6A6-static'); the
-  searched intervals keep PTQ4ViT W6A6 near float (measured 0.79; W5A5 0.74, W4A4
-  0.64)."""
+  drops to 0.71 top-1 agreement on this fixture (quant_model 'W6A6-static'); the
+  searched intervals keep PTQ4ViT W6A6 near float (measured 0.961; W8A8 0.984,
+  W5A5 0.938, W4A4 0.840)."""
   model, params, _, _ = gap_w6
   params = F.planted_outlier(params)
   qapply, qvars = ptq.quantize(model.apply, {"params": params}, F.images(32),
                                "PTQ4ViT/W6A6")
-  assert _agreement(model, params, qapply, qvars, F.images(256, seed=1)) >= 0.75
+  assert _agreement(model, params, qapply, qvars, F.images(256, seed=1)) >= 0.9
 
 
 def test_errors(gap_w6):

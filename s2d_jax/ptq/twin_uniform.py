@@ -54,13 +54,17 @@ Search (``search_round`` = 3 rounds, alternating; candidates evaluated by
   current interval, then the input interval with the weight quantized at its
   current intervals; a float input (conv: ``a_bit = 32``) skips the second step.
 * q·kᵀ (:func:`search_qk`): per-head intervals of q (k quantized), then of k
-  (q quantized); the error is summed per head.
+  (q quantized); the error is summed per head (q is quantized before flax's
+  ``1/√d``, the error measured on the scaled logits).
 * probs·v (:func:`search_pv`): the split on the error of ``Q(probs)·v`` with v in
   float (as the official code), then per-head intervals of v with the probabilities
   quantized at the chosen split.
 
 A round that leaves every interval unchanged is a fixed point of the next rounds,
 so the loop stops there (same result as running all rounds, fewer matmuls).
+Searches are jitted per shape with the bit widths traced (one compile serves every
+``WxAy``) and their matmuls in full float32 (``Precision.HIGHEST``, as the official
+fp32 PyTorch code; no TF32).
 """
 
 from __future__ import annotations
