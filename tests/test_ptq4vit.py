@@ -406,7 +406,7 @@ def test_deterministic_and_loop_equals_scan(gap_w6):
         np.testing.assert_allclose(l[key], loop[l["op"]][key], rtol=1e-5)
   stacked = svars["intermediates"]["Transformer"]["encoderblock"][ATT]
   assert stacked["ptq.q"]["interval"].shape == (2, 4, 1)      # (depth, heads, 1)
-  x = F.images(64, seed=1)
+  x = F.images(256, seed=1)
   assert F.agreement(F.logits(qapply, qvars, x), F.logits(sapply, svars, x)) >= 0.95
 
 
