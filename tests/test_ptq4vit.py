@@ -71,6 +71,11 @@ def test_bits_errors():
     tu.uniform(jnp.ones(3), 1.0, 1)
   with pytest.raises(ValueError, match="bits"):
     tu.post_softmax(jnp.ones(3), 0.5, 17)
+  x = jnp.ones((4, 6))
+  with pytest.raises(ValueError, match="unknown input quantizer 'log2'"):
+    tu.search_linear(x, x.T, None, x @ x.T, x @ x.T, w_bits=4, a_bits=4, act="log2")
+  with pytest.raises(ValueError, match="do not split into 4 equal groups"):
+    tu.search_linear(x, x.T, None, x @ x.T, x @ x.T, w_bits=4, a_bits=4, n_groups=4)
 
 
 # ----------------------------------------------------------------------------
