@@ -74,8 +74,8 @@ def test_bits_errors():
   x = jnp.ones((4, 6))
   with pytest.raises(ValueError, match="unknown input quantizer 'log2'"):
     tu.search_linear(x, x.T, None, x @ x.T, x @ x.T, w_bits=4, a_bits=4, act="log2")
-  with pytest.raises(ValueError, match="do not split into 4 equal groups"):
-    tu.search_linear(x, x.T, None, x @ x.T, x @ x.T, w_bits=4, a_bits=4, n_groups=4)
+  with pytest.raises(ValueError, match="do not split into 3 equal groups"):
+    tu.search_linear(x, x.T, None, x @ x.T, x @ x.T, w_bits=4, a_bits=4, n_groups=3)
 
 
 # ----------------------------------------------------------------------------
