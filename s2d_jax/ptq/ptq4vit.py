@@ -120,12 +120,10 @@ COLLECTION = intercept.COLLECTION
 PREFIX = "ptq4vit_"
 POST_GELU = r"(^|/)MlpBlock_\d+/Dense_1$"
 
-# Recorded values of the attention matmuls (operand A, operand B, output) and the
-# zero probe on each output whose gradient is ∂L/∂output. Layers record their input
-# rows "x", output "o" and probe "g"; every name carries the call index ("o0").
-_QK_POINTS = ("q", "k", "s")
-_PV_POINTS = ("p", "v", "y")
-_PROBES = {"o": "g", "s": "ds", "y": "dy"}
+# Recorded names (each with the call index, e.g. "x0"): a layer's input rows "x" and
+# the zero probe "g" on its output; an attention's q, k, v and probabilities "p",
+# with the probe "dp" on the probabilities (∂L/∂S follows from ∂L/∂P) and the probe
+# "dy" on the input of its "out" layer (= the probs·v output).
 
 
 def _default_output_fn(out):
@@ -178,80 +176,21 @@ def _attention_sources(args, kwargs):
   return inputs_q, inputs_k, inputs_v
 
 
-class _RecordingAttention:
-  """``nn.dot_product_attention`` that records q, k, logits, probs, v and output.
-
-  Same math as flax's (``q/√d``, einsum, bias, mask, softmax, dropout, einsum);
-  the logits ``S`` and the output ``Y`` get a zero probe added (its gradient is
-  ``∂L/∂S``, ``∂L/∂Y``). ``plan=True`` creates the probes as zeros instead.
-  """
-
-  def __init__(self, index: int, qk: bool, pv: bool, plan: bool):
-    self.index, self.qk, self.pv, self.plan = index, qk, pv, plan
-    self.module: nn.Module | None = None   # the bound clone, set after cloning
-
-  def _put(self, name, value):
-    self.module.put_variable(COLLECTION, f"{PREFIX}{name}{self.index}", value)
-
-  def _probe(self, name, value):
-    full = f"{PREFIX}{name}{self.index}"
-    if self.plan:
-      self.module.put_variable(COLLECTION, full, jnp.zeros_like(value))
-      return value
-    return value + self.module.get_variable(COLLECTION, full).astype(value.dtype)
-
-  def __call__(self, query, key, value, bias=None, mask=None,
-               broadcast_dropout=True, dropout_rng=None, dropout_rate=0.0,
-               deterministic=False, dtype=None, precision=None, module=None,
-               force_fp32_for_softmax=False):
-    del module
-    query, key, value = nn_dtypes.promote_dtype(query, key, value, dtype=dtype)
-    dtype = query.dtype
-    if self.qk:
-      self._put("q", query)
-      self._put("k", key)
-    logits = jnp.einsum("...qhd,...khd->...hqk",
-                        query / jnp.sqrt(query.shape[-1]).astype(dtype), key,
-                        precision=precision)
-    if self.qk:
-      self._put("s", logits)
-      logits = self._probe("ds", logits)
-    if bias is not None:
-      logits = logits + bias
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(dtype).min)
-    if force_fp32_for_softmax and dtype != jnp.float32:
-      probs = jax.nn.softmax(logits.astype(jnp.float32))
-    else:
-      probs = jax.nn.softmax(logits).astype(dtype)
-    if not deterministic and dropout_rate > 0.0:
-      keep_prob = 1.0 - dropout_rate
-      shape = (tuple([1] * (key.ndim - 2)) + probs.shape[-2:] if broadcast_dropout
-               else probs.shape)
-      keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
-      probs = probs * (keep.astype(dtype) / jnp.asarray(keep_prob, dtype))
-    if self.pv:
-      self._put("p", probs)
-      self._put("v", value)
-    out = jnp.einsum("...hqk,...khd->...qhd", probs, value, precision=precision)
-    if self.pv:
-      self._put("y", out)
-      out = self._probe("dy", out)
-    return out
-
-
 class _Recorder:
-  """Calibration interceptor: what :mod:`s2d_jax.ptq.ops` points do not give.
+  """Calibration interceptor: records what the searches need, on the float network.
 
-  The Hessian-guided search of q·kᵀ and probs·v needs the attention logits and the
-  probs·v output with their gradients, and the qkv grouping needs to know which of
-  q/k/v share one input; ops' points are q, k, v, probs and layer inputs/outputs
-  only. Two modes:
+  For every target layer its input rows (``x``, first member of a unit only) and a
+  zero probe ``g`` on its output; for every target attention (through
+  :func:`intercept.wrap_attention`) q, k, v, the probabilities ``p``, a zero probe
+  ``dp`` on ``p`` (q·kᵀ) and ``dy`` on the input of its ``out`` layer (probs·v).
+  Differentiating the loss w.r.t. the probes gives ``∂L/∂O``, ``∂L/∂P``,
+  ``∂L/∂(probs·v)``. :mod:`s2d_jax.ptq.ops` records layer inputs/outputs and q, k,
+  v, probs too, but not those input/probability gradients nor which of q/k/v share
+  one input, hence this small interceptor. Two modes:
 
-  * ``'plan'``: records what the model calls (into ``plan``) and every recorded
-    value plus a zero probe (run under ``jax.eval_shape``: shapes only).
-  * ``'record'``: for the layers in ``targets``, writes input rows and output (and
-    the attention points) and adds the probes read from the variables.
+  * ``'plan'``: records what the model calls (into ``plan``) and every value and
+    probe of every layer (run under ``jax.eval_shape``: shapes only);
+  * ``'record'``: the same for ``targets`` only, probes read from the variables.
   """
 
   def __init__(self, mode: str, *, plan: _Plan | None = None,
@@ -266,18 +205,21 @@ class _Recorder:
     if not intercept.is_call(context) or intercept.is_wrapped(mod):
       return next_fun(*args, **kwargs)
     if intercept.is_attention(mod):
-      if isinstance(mod.attention_fn, _RecordingAttention):
-        return next_fun(*args, **kwargs)
       return self._attention(mod, next_fun, args, kwargs)
     if intercept.is_matmul(mod) and args:
       return self._matmul(mod, next_fun, args, kwargs)
     return next_fun(*args, **kwargs)
 
-  # -- attention ---------------------------------------------------------------
+  def _probe(self, mod, name, value):
+    """``value`` plus the zero probe ``name`` (created as zeros in 'plan' mode)."""
+    if self.mode == "plan":
+      mod.put_variable(COLLECTION, PREFIX + name, jnp.zeros_like(value))
+      return value
+    return value + mod.get_variable(COLLECTION, PREFIX + name).astype(value.dtype)
 
   def _attention(self, mod, next_fun, args, kwargs):
     path = intercept.module_path(mod)
-    index = self.counter.index(mod, path)
+    i = self.counter.index(mod, path)
     if self.mode == "plan":
       q_src, k_src, v_src = _attention_sources(args, kwargs)
       self.plan.add_attention(path, shared_qk=k_src is q_src,
@@ -287,18 +229,28 @@ class _Recorder:
       qk, pv = (path, "qk") in self.targets, (path, "pv") in self.targets
       if not (qk or pv):
         return next_fun(*args, **kwargs)
-    fn = _RecordingAttention(index, qk, pv, plan=self.mode == "plan")
-    clone = mod.clone(parent=mod.scope, attention_fn=fn)
-    fn.module = clone
-    return clone(*args, **kwargs)
+    cell = {}
 
-  # -- Dense / DenseGeneral / Conv ---------------------------------------------
+    def hook(kind, x):
+      m = cell["clone"]
+      if (kind in ("q", "k") and qk) or (kind == "v" and pv):
+        m.put_variable(COLLECTION, f"{PREFIX}{kind}{i}", x)
+      elif kind == "probs":
+        m.put_variable(COLLECTION, f"{PREFIX}p{i}", x)
+        if qk:
+          x = self._probe(m, f"dp{i}", x)
+      return x
+
+    cell["clone"] = intercept.wrap_attention(mod, hook)
+    return cell["clone"](*args, **kwargs)
 
   def _matmul(self, mod, next_fun, args, kwargs):
     path = intercept.module_path(mod)
-    index = self.counter.index(mod, path)
-    if self.mode == "plan":
-      parent = mod.parent
+    i = self.counter.index(mod, path)
+    parent = mod.parent
+    attention_out = intercept.is_attention(parent) and mod.name == "out"
+    plan = self.mode == "plan"
+    if plan:
       in_attention = intercept.is_attention(parent) and mod.name in (
           "query", "key", "value", "out")
       features = getattr(mod, "features", 1)
@@ -309,18 +261,17 @@ class _Recorder:
           kernel_ndim=mod.get_variable("params", "kernel").ndim,
           n_out_axes=(len(features) if isinstance(mod, nn.DenseGeneral)
                       and isinstance(features, (tuple, list)) else 1))
-    elif path not in self.targets:
+    layer = plan or path in self.targets
+    dy = attention_out and (plan or (intercept.module_path(parent), "pv")
+                            in self.targets)
+    if not (layer or dy):
       return next_fun(*args, **kwargs)
+    if dy:
+      args = (self._probe(mod, f"dy{i}", args[0]),) + tuple(args[1:])
+    if plan or path in self.first_members:
+      mod.put_variable(COLLECTION, f"{PREFIX}x{i}", intercept.matmul_rows(mod, args[0]))
     y = next_fun(*args, **kwargs)
-    if self.mode == "plan" or path in self.first_members:
-      mod.put_variable(COLLECTION, f"{PREFIX}x{index}",
-                       intercept.matmul_rows(mod, args[0]))
-    mod.put_variable(COLLECTION, f"{PREFIX}o{index}", y)
-    probe = f"{PREFIX}g{index}"
-    if self.mode == "plan":
-      mod.put_variable(COLLECTION, probe, jnp.zeros_like(y))
-      return y
-    return y + mod.get_variable(COLLECTION, probe).astype(y.dtype)
+    return self._probe(mod, f"g{i}", y) if layer else y
 
 
 # ------------------------------------------------------------------------------
@@ -382,35 +333,27 @@ def _split_name(name: str) -> tuple[str, int]:
   return m.group(1), int(m.group(2))
 
 
+def _calls_of(shapes, path: str, point: str) -> list[int]:
+  return sorted(i for p, i in map(_split_name, shapes.get(path, {})) if p == point)
+
+
 def _unit_records(unit: _Unit, shapes) -> list[tuple[str, str]]:
-  """(module path, variable name) of everything a unit records (values, not probes)."""
-  out = []
-  if unit.kind in ("linear", "conv"):
-    for j, p in enumerate(unit.paths):
-      for name in shapes[p]:
-        point, _ = _split_name(name)
-        if point == "o" or (point == "x" and j == 0):
-          out.append((p, name))
-  else:
-    points = _QK_POINTS if unit.kind == "qk" else _PV_POINTS
-    for name in shapes[unit.paths[0]]:
-      if _split_name(name)[0] in points:
-        out.append((unit.paths[0], name))
-  return out
+  """(module path, variable name) of the values a unit's search reads."""
+  p = unit.paths[0]
+  points = {"linear": ("x",), "conv": ("x",), "qk": ("q", "k", "p"),
+            "pv": ("p", "v")}[unit.kind]
+  return [(p, f"{pt}{i}") for pt in points for i in _calls_of(shapes, p, pt)]
 
 
 def _unit_probes(unit: _Unit, shapes) -> list[tuple[str, str]]:
-  out = []
-  for p in (unit.paths if unit.kind in ("linear", "conv") else unit.paths[:1]):
-    for name in shapes[p]:
-      point, _ = _split_name(name)
-      if unit.kind in ("linear", "conv") and point == "g":
-        out.append((p, name))
-      elif unit.kind == "qk" and point == "ds":
-        out.append((p, name))
-      elif unit.kind == "pv" and point == "dy":
-        out.append((p, name))
-  return out
+  """(module path, variable name) of the zero probes a unit needs."""
+  if unit.kind in ("linear", "conv"):
+    return [(p, f"g{i}") for p in unit.paths for i in _calls_of(shapes, p, "g")]
+  if unit.kind == "qk":
+    p = unit.paths[0]
+    return [(p, f"dp{i}") for i in _calls_of(shapes, p, "dp")]
+  out = unit.paths[0] + "/out"
+  return [(out, f"dy{i}") for i in _calls_of(shapes, out, "dy")]
 
 
 def _nbytes(s) -> int:
@@ -553,7 +496,13 @@ class _Calibrator:
   # -- recording ---------------------------------------------------------------
 
   def record(self, units) -> dict[tuple[str, str], list]:
-    """One pass over the calibration set: ``{(path, name): [chunk per micro-batch]}``."""
+    """One pass over the calibration set: ``{(path, name): [chunk per micro-batch]}``.
+
+    Values: the units' recorded inputs (:func:`_unit_records`); gradients
+    ``(path, 'g<i>')`` for layers, ``(attention, 'ds<i>')`` (∂L/∂logits, from
+    ∂L/∂P) for q·kᵀ and ``(attention, 'dy<i>')`` for probs·v, each the root mean
+    square over ``label_samples`` draws (the metric only uses ``g²``).
+    """
     targets, first = set(), set()
     for u in units:
       if u.kind in ("linear", "conv"):
@@ -569,23 +518,30 @@ class _Calibrator:
       index = jnp.arange(start, start + m.shape[0])
       start += m.shape[0]
       shapes = self.shapes[m.shape[0]]
+      probe_keys = [k for u in units for k in _unit_probes(u, shapes)]
       probes = intercept.nest({
           tuple(p.split("/")) + (PREFIX + n,): jnp.zeros(shapes[p][n].shape,
                                                           shapes[p][n].dtype)
-          for u in units for p, n in _unit_probes(u, shapes)})
-      sq = None
+          for p, n in probe_keys})
+      sq: dict[tuple[str, str], jax.Array] = {}
       for k in range(self.label_samples):
         state, grads = fn(self.variables, probes, m, index,
                           jax.random.fold_in(self.key, k))
-        g2 = jax.tree.map(jnp.square, grads)
-        sq = g2 if sq is None else jax.tree.map(jnp.add, sq, g2)
-      # The metric only uses g²: the root-mean-square over the label draws.
-      grads = jax.tree.map(lambda t: jnp.sqrt(t / self.label_samples), sq)
-      for u in units:
-        for p, n in _unit_records(u, shapes):
-          values.setdefault((p, n), []).append(_get(state, p, n))
-        for p, n in _unit_probes(u, shapes):
-          values.setdefault((p, n), []).append(_get(grads, p, n))
+        for p, n in probe_keys:
+          point, i = _split_name(n)
+          g = _get(grads, p, n).astype(jnp.float32)
+          if point == "dp":       # ∂L/∂P -> ∂L/∂S through the softmax
+            g = tu.softmax_grad(_get(state, p, f"p{i}").astype(jnp.float32), g)
+            key = (p, f"ds{i}")
+          elif point == "dy":     # the out layer's input -> its attention
+            key = (p.rsplit("/", 1)[0], n)
+          else:
+            key = (p, n)
+          sq[key] = sq[key] + jnp.square(g) if key in sq else jnp.square(g)
+      for key, v in sq.items():
+        values.setdefault(key, []).append(jnp.sqrt(v / self.label_samples))
+      for p, n in dict.fromkeys(k for u in units for k in _unit_records(u, shapes)):
+        values.setdefault((p, n), []).append(_get(state, p, n))
     return values
 
   # -- searches ----------------------------------------------------------------
@@ -621,7 +577,7 @@ class _Calibrator:
     conv = unit.kind == "conv"
     results = []
     for layer in (range(n_layers) if stacked else [None]):
-      ws, bs, os, gs = [], [], [], []
+      ws, bs, gs = [], [], []
       for p, node in zip(unit.paths, nodes):
         kernel = node["kernel"] if layer is None else node["kernel"][layer]
         n_out = math.prod(kernel.shape[kernel.ndim - self.layers[p]["n_out_axes"]:])
@@ -630,8 +586,6 @@ class _Calibrator:
         bs.append(jnp.zeros((n_out,), jnp.float32) if bias is None else
                   jnp.asarray(bias if layer is None else bias[layer],
                               jnp.float32).reshape(-1))
-        os.append(jnp.concatenate([_rows(values[(p, f"o{i}")], layer, n_out)
-                                   for i in calls]))
         gs.append(jnp.concatenate([_rows(values[(p, f"g{i}")], layer, n_out)
                                    for i in calls]))
       if len({w.shape[1] for w in ws}) != 1:
@@ -641,35 +595,35 @@ class _Calibrator:
       x = jnp.concatenate([_rows(values[(unit.paths[0], f"x{i}")], layer,
                                  ws[0].shape[0]) for i in calls])
       w, b = jnp.concatenate(ws, axis=1), jnp.concatenate(bs)
-      o, g = jnp.concatenate(os, axis=1), jnp.concatenate(gs, axis=1)
+      g = jnp.concatenate(gs, axis=1)
       if grad_free:
         g = jnp.ones_like(g)
       results.append(tu.search_linear(
-          x, w, b, o, g, w_bits=self.w_bits, a_bits=None if conv else self.a_bits,
+          x, w, b, None, g, w_bits=self.w_bits, a_bits=None if conv else self.a_bits,
           n_groups=w.shape[1] if conv else len(unit.paths),
-          act=None if conv else unit.act, cfg=self._cfg(o.size)))
+          act=None if conv else unit.act, cfg=self._cfg(g.size)))
     out = _stack(results, stacked)
     out.update(calls=calls, grad_free=grad_free)
     return out
 
   def search_attention(self, unit: _Unit, values) -> dict:
     path = unit.paths[0]
-    points = _QK_POINTS if unit.kind == "qk" else _PV_POINTS
-    grad_point = _PROBES[points[-1]]
+    a, b = ("q", "k") if unit.kind == "qk" else ("p", "v")
+    grad_point = "ds" if unit.kind == "qk" else "dy"
     calls, grad_free = self._calls(unit, values, grad_point)
-    first = values[(path, f"{points[0]}{calls[0]}")][0]
+    first = values[(path, f"q{calls[0]}" if unit.kind == "qk" else f"v{calls[0]}")][0]
     stacked = first.ndim == self.attention[path]["q_ndim"] + 1
     n_layers = first.shape[0] if stacked else 1
     search = tu.search_qk if unit.kind == "qk" else tu.search_pv
     results = []
     for layer in (range(n_layers) if stacked else [None]):
-      a, b, o, g = (jnp.concatenate([_batch(values[(path, f"{pt}{i}")], layer)
-                                     for i in calls])
-                    for pt in points + (grad_point,))
+      xa, xb, g = (jnp.concatenate([_batch(values[(path, f"{pt}{i}")], layer)
+                                    for i in calls])
+                   for pt in (a, b, grad_point))
       if grad_free:
         g = jnp.ones_like(g)
-      size = max(o.size, a.size) if unit.kind == "pv" else o.size
-      results.append(search(a, b, o, g, bits=self.a_bits, cfg=self._cfg(size)))
+      results.append(search(xa, xb, None, g, bits=self.a_bits,
+                            cfg=self._cfg(max(g.size, xa.size))))
     out = _stack(results, stacked)
     out.update(calls=calls, grad_free=grad_free)
     return out
@@ -704,7 +658,7 @@ class _Calibrator:
                             + iv.shape[-1:])
           flat[p, key("weight", 0)] = {"interval": iv}
           if unit.act is not None:
-            for c in range(self._n_calls(p, "o")):
+            for c in range(self._n_calls(p, "g")):
               flat[p, key("matmul_input", c)] = {"interval": r["a_interval"]}
       else:
         p = unit.paths[0]

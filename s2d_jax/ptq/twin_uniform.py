@@ -184,6 +184,12 @@ def split_candidates(cfg: SearchConfig = SearchConfig()) -> jax.Array:
   return 2.0 ** -jnp.arange(cfg.n_splits, dtype=jnp.float32)
 
 
+def softmax_grad(p: jax.Array, dp: jax.Array) -> jax.Array:
+  """``∂L/∂S`` from ``∂L/∂P`` for ``P = softmax(S)`` over the last axis:
+  ``P ⊙ (∂L/∂P - Σ_j P_j ∂L/∂P_j)`` (masked entries, ``P = 0``, get 0)."""
+  return p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))
+
+
 def hessian_error(out, out_hat, grad, axis=None) -> jax.Array:
   """``Σ (g ⊙ (O - Ô))²`` over ``axis`` (all by default): the official metric, negated."""
   return jnp.sum(jnp.square(grad * (out - out_hat)), axis=axis)
@@ -255,7 +261,8 @@ def _bits_arg(bits, what):
   return jnp.int32(check_bits(bits, what))
 
 
-def search_linear(x: jax.Array, w: jax.Array, b: jax.Array | None, out: jax.Array,
+def search_linear(x: jax.Array, w: jax.Array, b: jax.Array | None,
+                  out: jax.Array | None,
                   grad: jax.Array, *, w_bits: int, a_bits: int | None,
                   n_groups: int = 1, act: str | None = "uniform",
                   cfg: SearchConfig = SearchConfig()) -> dict[str, jax.Array]:
@@ -264,7 +271,9 @@ def search_linear(x: jax.Array, w: jax.Array, b: jax.Array | None, out: jax.Arra
   Args:
     x: ``(M, K)`` float inputs (rows: tokens of every calibration image).
     w: ``(K, N)`` weight; ``b``: ``(N,)`` bias or None.
-    out: ``(M, N)`` float outputs ``X W + b``; ``grad``: ``(M, N)`` ``∂L/∂O``.
+    out: ``(M, N)`` float outputs ``X W + b``, or None to compute them here (in
+      float32 at full precision, as the official fp32 code); ``grad``: ``(M, N)``
+      ``∂L/∂O``.
     w_bits, a_bits: bit widths (``a_bits``/``act`` None: the input stays float).
     n_groups: weight interval groups, contiguous equal blocks of the ``N``
       output columns (``n_V``: 1, 3 for a fused qkv, ``N`` for per-channel).
@@ -295,9 +304,11 @@ def search_linear(x: jax.Array, w: jax.Array, b: jax.Array | None, out: jax.Arra
 
 @functools.partial(jax.jit, static_argnames=("n_groups", "act", "cfg"))
 def _search_linear(x, w, b, out, grad, w_bits, a_bits, *, n_groups, act, cfg):
-  x, w, b, out, grad = (jnp.asarray(t, jnp.float32) for t in (x, w, b, out, grad))
+  x, w, b, grad = (jnp.asarray(t, jnp.float32) for t in (x, w, b, grad))
   n = w.shape[-1]
   quant_in = act is not None
+  out = (jnp.dot(x, w, precision=_HI) + b if out is None
+         else jnp.asarray(out, jnp.float32))
 
   w_init = minmax_interval(jnp.max(jnp.abs(w).reshape(-1, n_groups, n // n_groups),
                                    axis=(0, 2)), w_bits)
@@ -360,7 +371,7 @@ def pv_out(p, v):
   return jnp.einsum("...hqk,...khd->...qhd", p, v, precision=_HI)
 
 
-def search_qk(q: jax.Array, k: jax.Array, s: jax.Array, grad: jax.Array, *,
+def search_qk(q: jax.Array, k: jax.Array, s: jax.Array | None, grad: jax.Array, *,
               bits: int, cfg: SearchConfig = SearchConfig()) -> dict[str, jax.Array]:
   """Per-head intervals of q and k for ``S = q·kᵀ`` (``PTQSLBatchingQuantMatMul``).
 
@@ -370,7 +381,7 @@ def search_qk(q: jax.Array, k: jax.Array, s: jax.Array, grad: jax.Array, *,
 
   Args:
     q: ``(B, Nq, H, d)``, k: ``(B, Nk, H, d)``, s: ``(B, H, Nq, Nk)`` the float
-      logits ``q·kᵀ/√d`` and grad ``∂L/∂S`` (same shape).
+      logits ``q·kᵀ/√d`` (None: computed here) and grad ``∂L/∂S`` (same shape).
     bits: A bits of both operands.
 
   Returns:
@@ -381,7 +392,8 @@ def search_qk(q: jax.Array, k: jax.Array, s: jax.Array, grad: jax.Array, *,
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _search_qk(q, k, s, grad, bits, *, cfg):
-  q, k, s, grad = (jnp.asarray(t, jnp.float32) for t in (q, k, s, grad))
+  q, k, grad = (jnp.asarray(t, jnp.float32) for t in (q, k, grad))
+  s = qk_logits(q, k) if s is None else jnp.asarray(s, jnp.float32)
   head = lambda iv: iv[:, None]                       # (H,) against (..., H, d)
   q_init = minmax_interval(_head_absmax(q, -2), bits)
   k_init = minmax_interval(_head_absmax(k, -2), bits)
@@ -413,7 +425,7 @@ def _search_qk(q, k, s, grad, bits, *, cfg):
               q_init=q_init, k_init=k_init)
 
 
-def search_pv(p: jax.Array, v: jax.Array, o: jax.Array, grad: jax.Array, *,
+def search_pv(p: jax.Array, v: jax.Array, o: jax.Array | None, grad: jax.Array, *,
               bits: int, cfg: SearchConfig = SearchConfig()) -> dict[str, jax.Array]:
   """Softmax split and per-head v intervals for ``O = probs·v``.
 
@@ -423,7 +435,8 @@ def search_pv(p: jax.Array, v: jax.Array, o: jax.Array, grad: jax.Array, *,
 
   Args:
     p: ``(B, H, Nq, Nk)`` softmax probabilities, v: ``(B, Nk, H, d)``,
-      o: ``(B, Nq, H, d)`` float output and grad ``∂L/∂O`` (same shape).
+      o: ``(B, Nq, H, d)`` float output (None: computed here) and grad ``∂L/∂O``
+      (same shape).
     bits: A bits of both operands.
 
   Returns:
@@ -434,7 +447,8 @@ def search_pv(p: jax.Array, v: jax.Array, o: jax.Array, grad: jax.Array, *,
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _search_pv(p, v, o, grad, bits, *, cfg):
-  p, v, o, grad = (jnp.asarray(t, jnp.float32) for t in (p, v, o, grad))
+  p, v, grad = (jnp.asarray(t, jnp.float32) for t in (p, v, grad))
+  o = pv_out(p, v) if o is None else jnp.asarray(o, jnp.float32)
   head = lambda iv: iv[:, None]
   v_init = minmax_interval(_head_absmax(v, -2), bits)
   v_cands = interval_candidates(v_init, cfg)
