@@ -39,27 +39,33 @@ Calibration, as ``HessianQuantCalibrator(..., sequential=False).batching_quant_c
 (the official default): every layer is calibrated on the *float* network (earlier
 layers are not quantized while a later one is calibrated), from
 
-* ``X``: its float input over all calibration images (official: 32),
+* ``X``: its float input(s) over all calibration images (official: 32),
 * ``O``: its float output, and
 * ``g = ∂L/∂O``: the gradient of the loss w.r.t. that output, from a backward pass
   in micro-batches of ``batch_size`` images (official: 4),
 
 then its intervals are searched with ``err = Σ (g ⊙ (O - Ô))²`` (see
 :mod:`~s2d_jax.ptq.twin_uniform`). Because calibration never sees quantized
-neighbours, layers are independent: the layers' ``(X, O, g)`` are recorded in a few
-forward+backward passes over the calibration set (as many as needed to keep the
-recorded tensors under ``capture_gib``) instead of one pass per layer, and each
+neighbours, layers are independent: the layers' ``X`` and ``g`` are recorded in a
+few forward+backward passes over the calibration set (as many as needed to keep
+the recorded tensors under ``capture_gib``) instead of one pass per layer, and each
 search evaluates as many candidates at once as ``search_gib`` holds. Cost: about
 ``2 · 101 · rounds`` (≤ 606) evaluations of every layer, i.e. several hundred float
 passes over the calibration set (measured below 1.5·10³ on CPU, README).
 
-Recording uses this module's own small interceptor (:class:`_Recorder`): the
-shared :mod:`s2d_jax.ptq.ops` points (layer inputs/outputs, q, k, v, probs) do not
-include the attention logits and the probs·v output with their gradients, nor which
-of q/k/v share one input. The calibrated model runs on ``ops`` (a provider that
-quantizes layer inputs, q, k, v and probs; weights baked once with
-``ops.bake_weights``); its state is ``ops``' ``ptq.<kind>`` layout in
-``'intermediates'`` (stacked per layer under ``nn.scan``).
+Recording uses this module's own small interceptor (:class:`_Recorder`) on the
+shared helpers of :mod:`s2d_jax.intercept` (the attention goes through
+``intercept.wrap_attention``, the hook ``ops`` uses): ``ops`` points give layer
+inputs and q, k, v, probs, but not the gradients w.r.t. the probabilities and the
+``out`` layer's input, nor which of q/k/v share one input. ``∂L/∂S`` of the logits
+follows from ``∂L/∂P`` through the softmax, ``∂L/∂(probs·v)`` is the gradient at
+the ``out`` layer's input. The float outputs ``O`` are recomputed in float32 from
+the recorded inputs inside the searches (the official code's fp32; on GPUs whose
+default f32 matmul is TF32, the model's own outputs would not match the candidates'
+arithmetic). The calibrated model runs on ``ops`` (a provider that quantizes layer
+inputs, q, k, v and probs; weights baked once with ``ops.bake_weights``); its state
+is ``ops``' ``ptq.<kind>`` layout in ``'intermediates'`` (stacked per layer under
+``nn.scan``).
 
 Deviations from the official code (all deliberate):
 
