@@ -58,7 +58,9 @@ or the 1st of its negative ones) get their own per-channel grid
 4. **Aqer** for every Dense (not the patch embedding):
    ``[W; b] += (ĀᵀĀ + λ₁I)⁻¹ Āᵀ(y_float − Ā[W; b])`` with
    ``λ₁ = 0.1·coe`` (``coe = 10000``: ``λ₁ = 1000``), ``λ₁ = 0.1`` for a 2-D
-   input ``(B, D)`` (the classifier head on the pooled features);
+   input ``(B, D)`` (the classifier head on the pooled features; option
+   ``lambda_2d``: with 32 calibration images the head's regression has 32
+   rows for ``D + 1`` unknowns per class and can overfit);
 5. weight quantizers calibrated on the Aqer-updated weights;
 6. **Wqer** for every layer, output channels independent (the official groups
    of 500 channels only bound memory): input rows quantized in successive
@@ -77,7 +79,9 @@ one set of moments, one Aqer/Wqer over the concatenated ``(D, 3·H·Dh)``
 matrix, one dual-uniform split (``3·H·Dh // 20`` rows). The SigLIP MAP head is
 not in the official code (timm ViT/DeiT/Swin): it is treated like the encoder
 (its probe query, whose input is not a LayerNorm output, gets a single grid).
-Layers are processed one by one (scan layout: layer by layer of the stack),
+A convolution's rows are processed in PyTorch's ``(cin, kh, kw)`` order (the
+official flattening), not flax's ``(kh, kw, cin)``: the successive halves
+depend on it. Layers are processed one by one (scan layout: layer by layer of the stack),
 each step jitted per layer shape, with the output channels padded to a
 multiple of 128 (zero columns, dropped again) so that layers of one input width
 share a compilation; ``bits`` are traced (one compilation for all settings).
@@ -123,6 +127,7 @@ from s2d_jax.ptq import repq
 METHOD = "ERQ"
 CALIB_IMAGES = 32
 COE = 10000.0            # the official README's --coe
+LAMBDA_2D = 0.1          # the official Aqer λ₁ for 2-D inputs (the head)
 PAD_COLS = 128           # output channels padded to a multiple of this (compiles)
 
 # The official weight quantizer's candidate quantiles (quant/quantizer.py, weights;
@@ -325,7 +330,7 @@ def _split(wq, bq, cols: tuple[int, ...]):
 
 def _process_unit(params, unit: Unit, moments: er.Moments, index, bits: int,
                   coe: float, max_steps: int, aqer: bool = True,
-                  wqer: bool = True):
+                  wqer: bool = True, lambda_2d: float = LAMBDA_2D):
   """Runs :func:`_erq_unit` on one unit (layer ``index`` under scan); returns
   the new params and a JSON-able report entry."""
   mats = [er.layer_matrix(params, layer, index) for layer in unit.layers]
@@ -339,12 +344,19 @@ def _process_unit(params, unit: Unit, moments: er.Moments, index, bits: int,
   if moments.af is not None:
     af = moments.af if index is None else moments.af[index]
   two_d = unit.layers[0].input_ndim == 2
-  lam1 = 0.1 if two_d else 0.1 * coe
+  lam1 = lambda_2d if two_d else 0.1 * coe
   lam2 = coe if unit.conv else 0.1 * coe
   n_top = n_out // DUAL_FRACTION if unit.dual else 0
+  perm = er.torch_row_order(unit.layers[0])   # conv: rows in the official order
+  if perm is not None:
+    ext = np.concatenate([perm, [len(perm)]])
+    w, aa = w[perm], aa[ext][:, ext]
+    af = None if af is None else af[ext][:, ext]
   wq, bq, top = _erq_unit(
       w, b, aa, af, bits, n_top, lam1, lam2, aqer=aqer and not unit.conv,
       wqer=wqer, refine=not unit.conv, max_steps=max_steps)
+  if perm is not None:
+    wq = wq[np.argsort(perm)]
   for layer, (lw, lb) in zip(unit.layers, _split(wq, bq, cols)):
     params = er.set_layer_matrix(params, layer, lw, lb, index)
   entry = dict(layers=[l.path for l in unit.layers], index=index,
@@ -366,7 +378,8 @@ def quantize(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
              output_fn: Callable[[Any], Any] | None = None,
              num_calib: int | None = CALIB_IMAGES, coe: float = COE,
              dual_uniform: bool = True, max_steps: int = 100,
-             aqer: bool = True, wqer: bool = True, batch_size: int = 32,
+             lambda_2d: float = LAMBDA_2D, aqer: bool = True,
+             wqer: bool = True, batch_size: int = 32,
              percentiles: Sequence[float] = Q.PERCENTILES,
              apply_kwargs: Mapping[str, Any] | None = None
              ) -> tuple[Callable[..., Any], dict[str, Any]]:
@@ -381,6 +394,11 @@ def quantize(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
     output_fn: unused (ERQ's objectives are per layer); accepted for the contract.
     coe: the official ``--coe``: ``λ₁ = 0.1·coe`` (0.1 for 2-D inputs),
       ``λ₂ = 0.1·coe`` (``coe`` for the patch embedding).
+    lambda_2d: Aqer's λ₁ for layers with a 2-D ``(B, D)`` input (the head on
+      pooled features; official 0.1). With few calibration images this ridge
+      regression is nearly unregularised (the head's ``d+1`` unknowns per
+      class from ``B`` pooled vectors) and can overfit; ``0.1·coe`` treats
+      the head like every other layer.
     dual_uniform: the extended paper's dual-uniform grid for post-LayerNorm
       layers (official code: on); False: one grid per channel everywhere.
     max_steps: rounding-refinement moves per block and channel (official 100).
@@ -398,6 +416,8 @@ def quantize(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
                      "quantizers take 2..8 bits")
   if not coe > 0:
     raise ValueError(f"{METHOD}: coe must be > 0 (ridge coefficients), got {coe}")
+  if not lambda_2d > 0:
+    raise ValueError(f"{METHOD}: lambda_2d must be > 0, got {lambda_2d}")
   if max_steps < 0:
     raise ValueError(f"{METHOD}: max_steps must be >= 0, got {max_steps}")
   x = repq._check_images(calib_images)   # pylint: disable=protected-access
@@ -425,10 +445,13 @@ def quantize(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
 
   # 1. activation quantizers, forward order, weights float
   _, state = ops.calibrate(apply_fn, provider, base, x, **kw)
+  jax.block_until_ready(state)
   t_calib = time.perf_counter()
   # 2. scale reparameterisation
   params, state = repq.reparameterize(params, state, groups)
   provider.reparameterised = set(provider.per_channel)
+  jax.block_until_ready(params)
+  t_reparam = time.perf_counter()
   # 3. float pass: streamed moments of every unit's (quantized, float) input
   layers = er.discover_layers(apply_fn, base, x[:1], **kw)
   unit_list = units(layers, dual_paths)
@@ -440,11 +463,16 @@ def quantize(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
   # 4-6. Aqer, weight grids, Wqer: unit by unit (scan: layer by layer)
   report = []
   for unit in unit_list:
+    mom = moments[unit.path]
+    nbytes = (mom.aa.nbytes + (0 if mom.af is None else mom.af.nbytes)) // unit.depth
     for index in (range(unit.depth) if unit.layers[0].view.batch_ndim else [None]):
-      params, entry = _process_unit(params, unit, moments[unit.path], index,
-                                    w_bits, coe, max_steps, aqer, wqer)
+      t0 = time.perf_counter()
+      params, entry = _process_unit(params, unit, mom, index, w_bits, coe,
+                                    max_steps, aqer, wqer, lambda_2d)
+      jax.block_until_ready(params)
+      entry.update(seconds=time.perf_counter() - t0, moments_bytes=int(nbytes),
+                   tokens=int(mom.count if index is None else mom.count[index]))
       report.append(entry)
-  jax.block_until_ready(params)
   t_done = time.perf_counter()
   qvariables = {**base, "params": params, ops.COLLECTION: state}
   qapply_inner = ops.intercepted(apply_fn, provider, mode="apply")
@@ -456,17 +484,20 @@ def quantize(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
   qapply.info = dict(
       method=METHOD, name=f"{METHOD}/W{w_bits}A{a_bits}", w_bits=w_bits,
       a_bits=a_bits, calib_images=int(x.shape[0]),
-      options=dict(num_calib=num_calib, coe=coe, dual_uniform=dual_uniform,
+      options=dict(num_calib=num_calib, coe=coe, lambda_2d=lambda_2d,
+                   dual_uniform=dual_uniform,
                    max_steps=max_steps, aqer=aqer, wqer=wqer,
                    batch_size=batch_size,
                    percentiles=list(percentiles)),
       reparameterised=[g.to_json() for g in groups], skipped=skipped,
       plan=ops.plan(apply_fn, provider, qvariables, x[:1], **kw),
       act_ranges=repq._scales_report(state),   # pylint: disable=protected-access
-      units=report,
+      units=report,   # per unit (and layer): choices, λs, seconds, moment bytes
       moments_bytes=int(sum(m.aa.nbytes + (0 if m.af is None else m.af.nbytes)
                             for m in moments.values())),
       timing_s=dict(act_calibration=t_calib - t_start,
-                    moments=t_moments - t_calib, error_reduction=t_done - t_moments,
+                    reparameterize=t_reparam - t_calib,
+                    moments=t_moments - t_reparam,
+                    error_reduction=t_done - t_moments,
                     total=time.perf_counter() - t_start))
   return qapply, qvariables

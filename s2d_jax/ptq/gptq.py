@@ -38,7 +38,8 @@ times uses its last call (big_vision's head: the pooled features).
 
 Deviations from the official code: the Hessian is ``XᵀX`` instead of
 ``2/N·XᵀX`` (GPTQ is invariant to that scale: the damping is relative and the
-updates use ratios of ``U``); the ViT layers outside the encoder blocks
+updates use ratios of ``U``); a convolution's input rows are swept in PyTorch's
+``(cin, kh, kw)`` order (the official ``W.flatten(1)``), not flax's; the ViT layers outside the encoder blocks
 (patch embedding, MAP head, classifier) are quantized as well (the official
 OPT script leaves embeddings and ``lm_head`` float; ViT PTQ work, ERQ's
 comparison included, quantizes them), each as its own stage.
@@ -54,11 +55,13 @@ from __future__ import annotations
 
 import functools
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from s2d_jax.ptq import error_reduction as er
 
@@ -148,6 +151,7 @@ def quantize(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
     ``(qapply, qvariables)``; ``qapply`` is ``apply_fn`` with ``.info``.
   """
   del output_fn
+  t_start = time.perf_counter()
   if a_bits != 16:
     raise ValueError(f"GPTQ is weight-only: activations stay float, so the "
                      f"setting must be 'GPTQ/W{w_bits}A16', got a_bits={a_bits}")
@@ -170,7 +174,8 @@ def quantize(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
   stream = er.MomentStream(apply_fn, {l.shares for l in layers}, **apply_kwargs)
   params = variables["params"]
   moments = None
-  for stage in stages(layers):
+  stage_list = stages(layers)
+  for stage in stage_list:
     if sequential or moments is None:
       moments = stream({**variables, "params": params}, images, batch_size)
     for layer, index in stage:
@@ -178,7 +183,14 @@ def quantize(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
       if index is not None:
         aa = aa[index]
       w, _ = er.layer_matrix(params, layer, index)
-      q = _gptq_layer(w, aa, w_bits, blocksize, percdamp)
+      h = aa
+      perm = er.torch_row_order(layer)   # conv: the official column order
+      if perm is not None:
+        ext = np.concatenate([perm, [len(perm)]])
+        w, h = w[perm], aa[ext][:, ext]
+      q = _gptq_layer(w, h, w_bits, blocksize, percdamp)
+      if perm is not None:
+        q = q[np.argsort(perm)]
       params = er.set_layer_matrix(params, layer, q, None, index)
   qvariables = {**variables, "params": params}
 
@@ -186,15 +198,20 @@ def quantize(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
     return apply_fn(qvars, *args, **kwargs)
 
   qapply.info = {
-      "method": "GPTQ", "w_bits": w_bits, "a_bits": 16,
-      "calib_images": int(images.shape[0]),
+      "method": "GPTQ", "name": f"GPTQ/W{w_bits}A16", "w_bits": w_bits,
+      "a_bits": 16, "calib_images": int(images.shape[0]),
       "options": {"blocksize": blocksize, "percdamp": percdamp,
                   "sequential": sequential, "batch_size": batch_size,
                   "exclude": list(exclude)},
-      "layers": [{"path": l.path, "kind": l.kind, "w_bits": w_bits,
-                  "a_bits": None, "rows": l.rows, "cols": l.cols,
-                  "depth": l.depth,
-                  "weight_grid": "per-channel asymmetric min-max (GPTQ)"}
-                 for l in layers],
+      # weights only: every other point (inputs, attention) stays float
+      "plan": [{"path": l.path, "kind": "weight", "call": 0, "module": l.kind,
+                "bits": w_bits, "quantizer": "uniform", "granularity": "channel",
+                "calibration": "min-max (asymmetric), GPTQ OBS updates"}
+               for l in layers],
+      "layers": [{"path": l.path, "rows": l.rows, "cols": l.cols,
+                  "depth": l.depth, "stage": i}
+                 for i, st in enumerate(stage_list) for l, idx in st
+                 if idx in (None, 0)],
+      "calibration_s": time.perf_counter() - t_start,
   }
   return qapply, qvariables
