@@ -87,11 +87,15 @@ class _Ctx:
                        f"{r.shape}, expected (2,) = (lo, hi)")
     return r[0], r[1]
 
-  def record(self, point: str, x):
-    """Calibration mode: store this call's per-tensor range (merging repeats)."""
+  def record(self, point: str, x, bits: int, symmetric: bool):
+    """Calibration mode: store this call's per-tensor range (merging repeats).
+
+    The range is chosen for the bits this operand is quantized at (``bits``: an
+    8-bit end such as the patch-embedding input gets its 8-bit MSE / percentile
+    range, not the setting's ``a_bits`` one).
+    """
     s = self.setting
-    lo, hi = q.calibrate(x, s.a_bits, s.calibrator, axis=None,
-                         symmetric=s.a_symmetric if point != "probs" else False,
+    lo, hi = q.calibrate(x, bits, s.calibrator, axis=None, symmetric=symmetric,
                          percentile=s.percentile, grid=s.mse_grid)
     r = jnp.stack([lo.reshape(()), hi.reshape(())])
     name = CALIB_PREFIX + point
@@ -106,7 +110,7 @@ class _Ctx:
     if symmetric is None:
       symmetric = s.a_symmetric
     if self.mode == "calib":
-      self.record(point, x)
+      self.record(point, x, bits, symmetric)
       return x
     if s.a_mode == "static":
       return q.fake_quant(x, bits, axis=None, symmetric=symmetric,

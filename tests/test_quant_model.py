@@ -223,3 +223,19 @@ def test_prequantized_weights_give_identical_outputs(tiny, scan, setting):
   np.testing.assert_array_equal(pv["params"]["head"]["bias"], params["head"]["bias"])
   with pytest.raises(ValueError, match="ste=True"):
     qm.quantized_apply(f, setting, ste=True, prequantized=True)
+
+
+def test_static_range_chosen_for_the_operand_bits(tiny):
+  """An 8-bit end (patch embedding, keep_ends) gets the range of an 8-bit MSE search
+  on its input, not of the setting's a_bits search; a 4-bit layer its 4-bit one."""
+  model, params, x = tiny
+  setting = q.get_setting("W4A4-static-mse")
+  assert setting.bits_for("embedding") == (8, 8)
+  cal = qm.calibrate(model.apply, setting, {"params": params}, [(x,)])
+  got = np.asarray(cal["embedding"][qm.CALIB_PREFIX + "input"])
+  want8 = q.calibrate(x, 8, "mse", axis=None, symmetric=setting.a_symmetric,
+                      grid=setting.mse_grid)
+  want4 = q.calibrate(x, 4, "mse", axis=None, symmetric=setting.a_symmetric,
+                      grid=setting.mse_grid)
+  np.testing.assert_allclose(got, np.ravel(want8), rtol=1e-6)
+  assert not np.allclose(np.ravel(want8), np.ravel(want4))  # the test can tell them apart
