@@ -16,7 +16,7 @@ Both were seen with an earlier jax on simulated multi-device CPU (tests, the dem
 Each (case, device count, fsdp) runs in its own subprocess with a timeout, like the
 trainer (tiny ViT in scan layout as configs/demo.py, S2D k_max=3 coupled with AdamW,
 batch sharded over all devices, params and optimizer state sharded by
-`train.tree_shardings`, PCDR refresh every `--refresh_every` steps). A run that does
+`parallel.tree_shardings`, PCDR refresh every `--refresh_every` steps). A run that does
 not finish `--steps` steps within `--timeout` seconds is reported as HANG.
 
   python -m benchmarks.xla_cpu_hangs                       # all cases, 1/2/8 devices
@@ -44,29 +44,29 @@ def child(case: str, steps: int, refresh_every: int, fsdp: int, batch: int, widt
   import optax  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
-  from s2d_jax import capture, optim, pcdr, train  # pylint: disable=g-import-not-at-top
+  from s2d_jax import capture, optim, parallel, pcdr, spectral  # pylint: disable=g-import-not-at-top
   from s2d_jax.models import vit  # pylint: disable=g-import-not-at-top
 
   donate = case in ("donated_step", "both")
   fused = case in ("fused_pcdr", "both")
   n = jax.device_count()
-  mesh = train.make_mesh(fsdp)
+  mesh = parallel.make_mesh(fsdp)
   repl = NamedSharding(mesh, P())
   model = vit.Model(12, patch_size=(4, 4), width=width, depth=depth, mlp_dim=4 * width,
                     num_heads=4, pool_type="map", scan=True)
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (batch, res, res, 3)).astype(np.float32)
   labels = rng.integers(0, 12, batch).astype(np.int32)
-  data_sh = train.batch_sharding(mesh)
+  data_sh = parallel.batch_sharding(mesh)
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), images[:1])["params"]
-  param_sh = train.tree_shardings(abstract, mesh)
+  param_sh = parallel.tree_shardings(abstract, mesh)
   params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), images[:1])["params"],
                    out_shardings=param_sh)()
-  mask = train.s2d_mask(abstract, ("(^|/)head/",))
+  mask = spectral.kernel_mask(abstract, ("(^|/)head/",))
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optim.s2d(k=3, k_max=3, strength=5e-2, mask=mask),
                    optax.adamw(1e-3, weight_decay=1e-4))
-  opt_sh = train.tree_shardings(jax.eval_shape(tx.init, abstract), mesh)
+  opt_sh = parallel.tree_shardings(jax.eval_shape(tx.init, abstract), mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
 
   def loss_fn(p, x, y):
