@@ -1,222 +1,316 @@
-"""Cost of S2D in a jitted ViT training step, measured against AdamW in one run.
+"""Cost of S2D next to AdamW, measured side by side in one run.
 
-Variants (all `optax.chain(<regulariser>, optax.adamw(...))`, one compiled step
-each, timed interleaved round-robin so machine load affects all alike):
+Sections (``--sections``, default all):
 
-  adamw        AdamW alone.
-  s2d_k1       s2d(k=1): warm-started subspace iteration, iters=1.
-  s2d_k3       s2d(k=3).
-  svd_naive    a full jnp.linalg.svd of every kernel's matrix view every step.
-  svd_amort    the paper's amortised scheme: full SVD every --refresh_every
-               steps (lax.cond inside the one compiled step), stale U, S, V in
-               between.
+  hlo      size of the compiled optimizer update at depth 4/12/24 (tiny width, loop
+           and scan layouts): HLO instructions, heavy ops (matmuls, solver calls,
+           loops) and distinct compiled computations, AdamW vs chain(s2d, AdamW);
+           S2D's part should be flat in depth.
+  compile  lower+compile time of the optimizer update alone and of the full training
+           step, AdamW vs AdamW+S2D (k=3), per layout.
+  step     training-step time AdamW+S2D / AdamW at k=1 and k=3, per layout and batch.
+  pcdr     the PCDR refresh (jitted capture of the matmul inputs on --pcdr_batch
+           images, host-side selection, set_active; as s2d_jax/train.py does it) as
+           a multiple of one training step, for the --variant model and the demo
+           model (configs/demo.py).
 
-Prints per-variant step-time median / p95 / max / mean, the ratios to AdamW,
-the optimizer-update time alone (a separately jitted `tx.update`), and the
-optimizer-state memory each variant adds relative to AdamW's state.
+Variants are timed interleaved, round-robin, so that machine load hits all alike;
+medians are reported with the spread (p10-p90 over median) as the noise level.
+S2D runs with ``strategy=auto`` and, with ``--strategies=auto,batched``, also the
+other strategy (see s2d_jax/spectral.py, "Shape groups and backends").
 
-  python -m benchmarks.s2d_overhead --variant=B/16 --batch=2 --res=224 --rounds=20
+On CPU only ratios are printed (absolute CPU times say little about a training
+machine); on GPU/TPU (``--device=gpu|tpu``) absolute times too.
+
+  python -m benchmarks.s2d_overhead --batches=2,8 --layouts=loop,scan
+  python -m benchmarks.s2d_overhead --device=gpu --batches=32,128
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import re
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from s2d_jax import optim, spectral
+from s2d_jax import capture, optim, pcdr, spectral
 from s2d_jax.models import vit
 
-
-class FullSVDState(NamedTuple):
-  count: jax.Array
-  usv: dict[str, tuple[jax.Array, jax.Array, jax.Array]]
+NUM_CLASSES = 1000
 
 
-def full_svd_s2d(k: int = 1, strength: float = 5e-4, power: float = 2.0,
-                 refresh_every: int = 1) -> optax.GradientTransformation:
-  """Baseline S2D from full SVDs: every step (1) or every `refresh_every` steps."""
-
-  def svd_top(view, w):
-    m = view.to_matrix(w.astype(jnp.float32))
-    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
-    kk = min(k, s.shape[-1])
-    return u[..., :kk], s[..., :kk], jnp.swapaxes(vt[..., :kk, :], -1, -2)
-
-  def init(params):
-    usv = {}
-    for name, (_, view) in spectral.select_kernels(params).items():
-      kk = min(k, view.rows, view.cols)
-      b = view.batch_shape
-      usv[name] = (jnp.zeros(b + (view.rows, kk)), jnp.zeros(b + (kk,)),
-                   jnp.zeros(b + (view.cols, kk)))
-    return FullSVDState(jnp.zeros([], jnp.int32), usv)
-
-  def update(updates, state, params):
-    leaves = {spectral.path_str(p): x for p, x in spectral.leaves_with_paths(params)}
-    views = {n: spectral.matrix_view(tuple(n.split("/")), leaves[n].shape) for n in state.usv}
-
-    def compute():
-      return {n: svd_top(views[n], leaves[n]) for n in state.usv}
-
-    if refresh_every == 1:
-      usv = compute()
-    else:
-      usv = jax.lax.cond(state.count % refresh_every == 0, compute, lambda: state.usv)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    out = []
-    for kp, g in flat:
-      name = spectral.path_str(spectral.path_tuple(kp))
-      if name in usv:
-        u, s, v = usv[name]
-        term = jnp.matmul(u * (strength * s ** power)[..., None, :], jnp.swapaxes(v, -1, -2))
-        g = (g.astype(jnp.float32) + views[name].from_matrix(term)).astype(g.dtype)
-      out.append(g)
-    return jax.tree_util.tree_unflatten(treedef, out), FullSVDState(state.count + 1, usv)
-
-  return optax.GradientTransformation(init, update)
-
-
-def tree_bytes(tree: Any) -> int:
-  return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def stats(ts):
-  ts = np.asarray(ts)
-  return dict(median=np.median(ts), p95=np.percentile(ts, 95), max=ts.max(), mean=ts.mean(),
+def stats(ts) -> dict[str, float]:
+  ts = np.asarray(ts, np.float64)
+  med = float(np.median(ts))
+  return dict(median=med, p10=float(np.percentile(ts, 10)), p90=float(np.percentile(ts, 90)),
+              max=float(ts.max()), noise=float((np.percentile(ts, 90) - np.percentile(ts, 10)) / med),
               n=len(ts))
+
+
+def timed_compile(fn, *args) -> tuple[Any, float, float]:
+  """``(compiled, wall s, process cpu s)`` of lowering + compiling ``fn(*args)``."""
+  t0, c0 = time.perf_counter(), time.process_time()
+  compiled = fn.lower(*args).compile()
+  return compiled, time.perf_counter() - t0, time.process_time() - c0
+
+
+def make_model(variant, scan, depth=None, width=None):
+  kw = {}
+  if depth is not None:
+    kw.update(depth=depth, width=width, mlp_dim=4 * width, num_heads=max(1, width // 32))
+  return vit.Model(num_classes=NUM_CLASSES, variant=variant, pool_type="map", scan=scan, **kw)
+
+
+def init_params(model, res):
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)))["params"]
+  # Non-zero head so that every kernel has a spectrum (the zero-init head is skipped).
+  params["head"]["kernel"] = 0.02 * jax.random.normal(jax.random.PRNGKey(1),
+                                                      params["head"]["kernel"].shape)
+  return params
+
+
+def optimizers(ks, strategies) -> dict[str, optax.GradientTransformation]:
+  adamw = lambda: optax.adamw(1e-4, weight_decay=1e-4)
+  out = {"adamw": adamw()}
+  for strategy in strategies:
+    for k in ks:
+      name = f"s2d_k{k}" + ("" if strategy == "auto" else f"_{strategy}")
+      out[name] = optax.chain(optim.s2d(k=k, strategy=strategy), adamw())
+  return out
+
+
+def make_step(model, tx, donate):
+  def loss_fn(p, images, labels):
+    logits, _ = model.apply({"params": p}, images, train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  def step(p, s, images, labels):
+    loss, g = jax.value_and_grad(loss_fn)(p, images, labels)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+# ----------------------------------------------------------------------------
+# Sections.
+# ----------------------------------------------------------------------------
+
+
+def program_size(hlo: str) -> dict[str, int]:
+  """Instructions, heavy ops and distinct computations of a compiled HLO module."""
+  comps, cur = {}, None
+  for line in hlo.splitlines():
+    m = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if m:
+      cur = "ENTRY" if m.group(1) else m.group(2)
+      comps[cur] = []
+    elif line.startswith("}"):
+      cur = None
+    elif cur and " = " in line:
+      comps[cur].append(line.strip())
+  heavy = sum(1 for line in comps["ENTRY"]
+              if re.search(r" (dot|custom-call|while|conditional)\(|kind=kCustom", line))
+  norm = lambda body: "\n".join(
+      re.sub(r"%[\w.\-]+", "%", re.sub(r",? metadata=\{[^}]*\}", "", x)) for x in body)
+  distinct = {norm(body) for name, body in comps.items() if name != "ENTRY"}
+  return dict(instructions=sum(len(b) for b in comps.values()), heavy=heavy,
+              distinct=len(distinct))
+
+
+def section_hlo(args):
+  print(f"\n== hlo: compiled optimizer update vs depth (width {args.hlo_width}, k=3)")
+  print(f"{'layout':6s} {'depth':>5s} {'kernels':>7s} {'variant':18s} {'instructions':>12s} "
+        f"{'heavy':>6s} {'distinct':>8s}   S2D part: instructions / heavy / distinct")
+  for layout in args.layouts:
+    for depth in args.hlo_depths:
+      model = make_model(None, layout == "scan", depth, args.hlo_width)
+      params = jax.eval_shape(lambda m=model: m.init(
+          jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"])
+      n_kernels = sum(v.num_matrices for _, v in spectral.select_kernels(params).values())
+      sizes = {}
+      for name, tx in optimizers([3], args.strategies).items():
+        state = jax.eval_shape(tx.init, params)
+        hlo = jax.jit(tx.update).lower(params, state, params).compile().as_text()
+        sizes[name] = program_size(hlo)
+      base = sizes["adamw"]
+      for name, sz in sizes.items():
+        extra = "" if name == "adamw" else "   " + " / ".join(
+            f"{sz[k] - base[k]:+d}" for k in ("instructions", "heavy", "distinct"))
+        print(f"{layout:6s} {depth:5d} {n_kernels:7d} {name:18s} {sz['instructions']:12d} "
+              f"{sz['heavy']:6d} {sz['distinct']:8d}{extra}", flush=True)
+
+
+def section_compile(args, layout):
+  model = make_model(args.variant, layout == "scan")
+  params = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, args.res, args.res, 3)))["params"])
+  images = jax.ShapeDtypeStruct((args.batches[0], args.res, args.res, 3), jnp.float32)
+  labels = jax.ShapeDtypeStruct((args.batches[0],), jnp.int32)
+  txs = optimizers([3], args.strategies)
+  res = {name: {"update": [], "step": []} for name in txs}
+  for _ in range(args.compile_reps):
+    for name, tx in txs.items():
+      state = jax.eval_shape(tx.init, params)
+      _, wall, cpu = timed_compile(jax.jit(tx.update), params, state, params)
+      res[name]["update"].append((wall, cpu))
+      _, wall, cpu = timed_compile(make_step(model, tx, args.donate), params, state,
+                                   images, labels)
+      res[name]["step"].append((wall, cpu))
+  print(f"\n== compile ({layout} layout, ViT-{args.variant}, batch {args.batches[0]}; "
+        f"lower+compile, median of {args.compile_reps}; wall and process-CPU seconds)")
+  for what in ("update", "step"):
+    bw = np.median([w for w, _ in res["adamw"][what]])
+    bc = np.median([c for _, c in res["adamw"][what]])
+    for name, r in res.items():
+      w, c = np.median([x for x, _ in r[what]]), np.median([x for _, x in r[what]])
+      absolute = f"  {w:6.1f}s wall {c:6.1f}s cpu" if args.absolute else ""
+      print(f"  {what:6s} {name:18s} ratio to AdamW: wall {w / bw:5.2f}x  cpu {c / bc:5.2f}x"
+            f"{absolute}", flush=True)
+
+
+def section_step(args, layout, batch):
+  model = make_model(args.variant, layout == "scan")
+  params0 = init_params(model, args.res)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.uniform(-1, 1, (batch, args.res, args.res, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32)
+  runs = {}
+  for name, tx in optimizers(args.ks, args.strategies).items():
+    p = jax.tree.map(jnp.copy, params0)
+    s = tx.init(p)
+    step = make_step(model, tx, args.donate)
+    p, s, loss = step(p, s, images, labels)          # compile + first step
+    jax.block_until_ready(loss)
+    runs[name] = [step, p, s, [], []]
+  for _ in range(args.rounds):
+    for name, run in runs.items():
+      step, p, s, walls, cpus = run
+      t0, c0 = time.perf_counter(), time.process_time()
+      p, s, loss = step(p, s, images, labels)
+      jax.block_until_ready((p, s, loss))
+      walls.append(time.perf_counter() - t0)
+      cpus.append(time.process_time() - c0)
+      run[1:3] = [p, s]
+  base = stats(runs["adamw"][3])
+  base_cpu = stats(runs["adamw"][4])
+  print(f"\n== step ({layout} layout, ViT-{args.variant}, batch {batch}, {args.rounds} "
+        f"interleaved rounds; AdamW noise p10-p90/median: wall {100 * base['noise']:.0f} %, "
+        f"cpu {100 * base_cpu['noise']:.0f} %)")
+  for name, run in runs.items():
+    w, c = stats(run[3]), stats(run[4])
+    absolute = (f"  median {1e3 * w['median']:8.1f} ms  p90 {1e3 * w['p90']:8.1f}  max "
+                f"{1e3 * w['max']:8.1f}" if args.absolute else "")
+    print(f"  {name:18s} ratio of medians: wall {w['median'] / base['median']:.4f}  "
+          f"cpu {c['median'] / base_cpu['median']:.4f}   max/median {w['max'] / w['median']:.2f}"
+          f"{absolute}", flush=True)
+  return {name: stats(run[3])["median"] for name, run in runs.items()}
+
+
+def _refresh_fn(model, k_max, tau, nb):
+  """The trainer's PCDR refresh: jitted capture, host-side selection, set_active."""
+  capture_fn = jax.jit(lambda p, x: capture.capture_matmul_inputs(
+      model.apply, {"params": p}, x[:nb], train=False,
+      include=lambda path: path[-1] != "head")[1])
+
+  def refresh(params, opt_state, images):
+    inputs = jax.block_until_ready(capture_fn(params, images))
+    mask = jax.tree_util.tree_map_with_path(
+        lambda kp, x: (spectral.path_tuple(kp)[-1] == "kernel" and x.ndim >= 2
+                       and "head" not in spectral.path_tuple(kp)), params)
+    active = jax.block_until_ready(pcdr.select_active(params, inputs, k_max=k_max, tau=tau,
+                                                      mask=mask))
+    return jax.block_until_ready(optim.set_active(opt_state, active))
+  return refresh
+
+
+def section_pcdr(args):
+  setups = [(f"ViT-{args.variant} {args.res}px, batch {args.batches[0]}",
+             make_model(args.variant, True), args.res, args.batches[0]),
+            ("demo (configs/demo.py: width 64, depth 4, 32px), batch 64",
+             vit.Model(12, patch_size=(4, 4), width=64, depth=4, mlp_dim=256, num_heads=4,
+                       pool_type="map", scan=True), 32, 64)]
+  print(f"\n== pcdr refresh (k_max=3, tau=0.95, {args.pcdr_batch} images, scan layout) as a "
+        "multiple of one AdamW+S2D(k=3) training step; first call includes compilation")
+  for title, model, res, batch in setups:
+    params = init_params(model, res) if "ViT" in title else jax.jit(model.init)(
+        jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)))["params"]
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.uniform(-1, 1, (batch, res, res, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)
+    tx = optax.chain(optim.s2d(k=3), optax.adamw(1e-4))
+    state = tx.init(params)
+    step = make_step(model, tx, args.donate)
+    refresh = _refresh_fn(model, 3, 0.95, args.pcdr_batch)
+    t0 = time.perf_counter()
+    state = refresh(params, state, images)
+    first_refresh = time.perf_counter() - t0
+    params, state, loss = step(params, state, images, labels)
+    jax.block_until_ready(loss)
+    steps, refreshes = [], []
+    for _ in range(args.pcdr_rounds):
+      t0 = time.perf_counter()
+      params, state, loss = step(params, state, images, labels)
+      jax.block_until_ready((params, state))
+      steps.append(time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      state = refresh(params, state, images)
+      refreshes.append(time.perf_counter() - t0)
+    s, r = stats(steps), stats(refreshes)
+    absolute = (f"  (refresh {1e3 * r['median']:.0f} ms, step {1e3 * s['median']:.0f} ms)"
+                if args.absolute else "")
+    print(f"  {title}: refresh / step = {r['median'] / s['median']:.2f} (median of "
+          f"{args.pcdr_rounds}; first refresh incl. compile = {first_refresh / s['median']:.1f}"
+          f" steps){absolute}", flush=True)
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--device", default=None, help="cpu | gpu | tpu (default: jax's default)")
+  ap.add_argument("--sections", default="hlo,compile,step,pcdr")
   ap.add_argument("--variant", default="B/16")
-  ap.add_argument("--batch", type=int, default=2)
   ap.add_argument("--res", type=int, default=224)
-  ap.add_argument("--scan", action="store_true", help="scan layout (encoderblock)")
-  ap.add_argument("--rounds", type=int, default=20, help="timed steps per variant")
-  ap.add_argument("--naive_rounds", type=int, default=4, help="timed steps of svd_naive")
-  ap.add_argument("--refresh_every", type=int, default=100)
-  ap.add_argument("--update_reps", type=int, default=10, help="timed optimizer-only updates")
-  ap.add_argument("--updates_only", action="store_true", help="skip the training-step timing")
-  ap.add_argument("--skip_naive", action="store_true", help="leave out svd_naive")
+  ap.add_argument("--batches", default="2,8", help="step section batches; first one for compile")
+  ap.add_argument("--layouts", default="loop,scan")
+  ap.add_argument("--ks", default="1,3")
+  ap.add_argument("--strategies", default="auto", help="s2d strategies, e.g. auto,batched")
+  ap.add_argument("--rounds", type=int, default=10, help="timed steps per variant")
+  ap.add_argument("--compile_reps", type=int, default=1)
+  ap.add_argument("--hlo_width", type=int, default=64)
+  ap.add_argument("--hlo_depths", default="4,12,24")
+  ap.add_argument("--pcdr_batch", type=int, default=8)
+  ap.add_argument("--pcdr_rounds", type=int, default=5)
+  ap.add_argument("--no_donate", action="store_true", help="do not donate params/state")
   args = ap.parse_args(argv)
-
-  model = vit.Model(num_classes=1000, variant=args.variant, pool_type="map", scan=args.scan)
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.uniform(-1, 1, (args.batch, args.res, args.res, 3)), jnp.float32)
-  labels = jax.nn.one_hot(rng.integers(0, 1000, args.batch), 1000)
-  params0 = jax.jit(model.init)(jax.random.PRNGKey(0), images)["params"]
-  # Non-zero head so that every kernel has a spectrum (the zero-init head is skipped).
-  params0["head"]["kernel"] = 0.02 * jax.random.normal(jax.random.PRNGKey(1),
-                                                       params0["head"]["kernel"].shape)
-  n_params = sum(x.size for x in jax.tree.leaves(params0))
-  n_kernels = len(spectral.select_kernels(params0))
-  print(f"ViT-{args.variant} scan={args.scan}: {n_params / 1e6:.1f}M params, {n_kernels} "
-        f"S2D kernels; batch {args.batch} at {args.res}px; devices {jax.devices()}")
-
-  adamw = lambda: optax.adamw(1e-4, weight_decay=1e-4)
-  variants = {
-      "adamw": adamw(),
-      "s2d_k1": optax.chain(optim.s2d(k=1), adamw()),
-      "s2d_k3": optax.chain(optim.s2d(k=3), adamw()),
-      "svd_naive": optax.chain(full_svd_s2d(k=1, refresh_every=1), adamw()),
-      "svd_amort": optax.chain(full_svd_s2d(k=1, refresh_every=args.refresh_every), adamw()),
-  }
-  if args.skip_naive:
-    del variants["svd_naive"]
-
-  def loss_fn(p):
-    logits, _ = model.apply({"params": p}, images, train=True)
-    return optax.softmax_cross_entropy(logits, labels).mean()
-
-  def make_step(tx):
-    def step(p, s):
-      loss, g = jax.value_and_grad(loss_fn)(p)
-      u, s = tx.update(g, s, p)
-      return optax.apply_updates(p, u), s, loss
-    return jax.jit(step, donate_argnums=(0, 1))
-
-  # Memory of the optimizer states (shapes only).
-  mem = {n: tree_bytes(jax.eval_shape(tx.init, params0)) for n, tx in variants.items()}
-  print("\noptimizer-state memory (MiB) and extra vs AdamW's state:")
-  for n, b in mem.items():
-    print(f"  {n:10s} {b / 2**20:9.2f}  extra {100 * (b - mem['adamw']) / mem['adamw']:+.3f} %")
-
-  if not args.updates_only:
-    base = time_steps(args, variants, params0, make_step)
-  else:
-    base = float("nan")
-  time_updates(args, variants, params0, base)
-
-
-def time_steps(args, variants, params0, make_step):
-  """Interleaved training-step timing; returns AdamW's median step time."""
-  runs = {}
-  for name, tx in variants.items():
-    p = jax.tree.map(jnp.copy, params0)
-    s = tx.init(p)
-    step = make_step(tx)
-    t0 = time.perf_counter()
-    p, s, loss = step(p, s)
-    jax.block_until_ready(loss)
-    print(f"compiled+ran {name} in {time.perf_counter() - t0:.1f}s (loss {float(loss):.3f})")
-    runs[name] = [step, p, s, []]
-
-  # The amortised variant refreshed at count 0 during the warm-up step above;
-  # its count now runs 1..rounds, so a refresh lands every refresh_every steps.
-  for r in range(args.rounds):
-    for name in variants:
-      if name == "svd_naive" and r >= args.naive_rounds:
-        continue
-      step, p, s, ts = runs[name]
-      t0 = time.perf_counter()
-      p, s, loss = step(p, s)
-      jax.block_until_ready((p, s, loss))
-      ts.append(time.perf_counter() - t0)
-      runs[name][1:3] = [p, s]
-    print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-        f"{n} {runs[n][3][-1]:.2f}s" for n in variants if runs[n][3] and len(runs[n][3]) == r + 1))
-
-  st = {n: stats(runs[n][3]) for n in variants}
-  base = st["adamw"]["median"]
-  print("\ntraining step (s): median / p95 / max / mean over n, and median ratio to AdamW")
-  for n, x in st.items():
-    print(f"  {n:10s} {x['median']:7.3f} {x['p95']:7.3f} {x['max']:7.3f} {x['mean']:7.3f} "
-          f"n={x['n']:3d}  ratio {x['median'] / base:.4f} ({100 * (x['median'] / base - 1):+.2f} %)")
-  amort = st["svd_amort"]
-  print(f"  svd_amort spikes: max/median {amort['max'] / amort['median']:.2f}x "
-        f"(refresh every {args.refresh_every} steps)")
-  return base
-
-
-def time_updates(args, variants, params0, base):
-  """Optimizer update alone (same gradients), interleaved; min over reps."""
-  grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params0)
-  upd = {}
-  for name, tx in variants.items():
-    f = jax.jit(tx.update)
-    _, s = f(grads, tx.init(params0), params0)   # count 1: no amortised refresh
-    for _ in range(2):
-      jax.block_until_ready(f(grads, s, params0))
-    upd[name] = (f, s, [])
-  for _ in range(args.update_reps):
-    for name, (f, s, ts) in upd.items():
-      if name == "svd_naive" and len(ts) >= 2:
-        continue
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(grads, s, params0))
-      ts.append(time.perf_counter() - t0)
-  print("\noptimizer update alone (ms, min over reps), and its extra cost vs AdamW's update, "
-        "as % of the AdamW training step:")
-  ub = np.min(upd["adamw"][2])
-  for name, (_, _, ts) in upd.items():
-    m = np.min(ts)
-    print(f"  {name:10s} {1e3 * m:9.1f} ms   extra {100 * (m - ub) / base:+.2f} % of a step")
+  if args.device:
+    jax.config.update("jax_platforms", args.device)
+  args.batches = [int(b) for b in args.batches.split(",")]
+  args.layouts = args.layouts.split(",")
+  args.ks = [int(k) for k in args.ks.split(",")]
+  args.strategies = args.strategies.split(",")
+  args.hlo_depths = [int(d) for d in args.hlo_depths.split(",")]
+  backend = jax.default_backend()
+  args.absolute = backend != "cpu"
+  args.donate = not args.no_donate
+  sections = args.sections.split(",")
+  print(f"jax {jax.__version__} on {backend} ({jax.device_count()} devices: "
+        f"{jax.devices()[0].device_kind}); S2D strategy auto = "
+        f"{spectral.default_strategy(backend)}", flush=True)
+  if "hlo" in sections:
+    section_hlo(args)
+  for layout in args.layouts:
+    if "compile" in sections:
+      section_compile(args, layout)
+    if "step" in sections:
+      for batch in args.batches:
+        section_step(args, layout, batch)
+  if "pcdr" in sections:
+    section_pcdr(args)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ numbers, so granularities follow from the contraction itself:
   calibrated per-tensor range.
 
 With ``setting.attention`` an ``nn.MultiHeadDotProductAttention`` is cloned
-the same way with its ``attention_fn`` replaced by :func:`_QuantAttention`:
+the same way with its ``attention_fn`` replaced by ``intercept.HookedAttention``:
 q, k, v are quantized per (token, head) and the softmax probabilities per query
 row on an asymmetric grid ``[0, max]``; the attention math is that of
 ``nn.dot_product_attention`` (a custom ``attention_fn`` of the model is
@@ -33,6 +33,15 @@ devices): minmax ranges by ``min``/``max`` (exact), percentile and MSE ranges
 by the mean over batches. :func:`quantized_apply` runs the fake-quantized model.
 A module called several times in one pass keeps the union (minmax) or the
 widest (other calibrators) of its per-call ranges.
+
+Weights quantized once: :func:`prequantize` returns the variables with every
+quantized kernel replaced by its fake-quantized value (same grid, same dtype
+handling as the in-pass quantization, so outputs are identical) and
+``quantized_apply(..., prequantized=True)`` then only quantizes activations.
+That is what evaluation should run (weights are constant); QAT keeps
+``quantized_apply(..., ste=True)``, which quantizes weights inside every step
+with straight-through gradients. The interception (what a matmul is, the
+operand hooks, the attention clone) is :mod:`s2d_jax.intercept`.
 """
 
 from __future__ import annotations
@@ -46,32 +55,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from s2d_jax import intercept
 from s2d_jax import quant as q
 
-COLLECTION = "intermediates"
+COLLECTION = intercept.COLLECTION
 CALIB_PREFIX = "quant_calib_"
-_MATMUL = (nn.Dense, nn.DenseGeneral, nn.Conv)
-
-
-def _path(module: nn.Module) -> str:
-  return "/".join(module.path)
-
-
-def _is_matmul(module) -> bool:
-  if isinstance(module, nn.ConvTranspose):
-    return False
-  if isinstance(module, nn.Conv):
-    return bool(module.shared_weights)
-  return isinstance(module, (nn.Dense, nn.DenseGeneral))
+_path = intercept.module_path
 
 
 class _Ctx:
   """What one quantization point needs: bits, setting, mode, static range."""
 
   def __init__(self, setting: q.QuantSetting, mode: str, ste: bool,
-               module: nn.Module, collection: str):
+               module: nn.Module, collection: str, prequantized: bool = False):
     self.setting, self.mode, self.ste = setting, mode, ste
     self.module, self.collection = module, collection
+    self.prequantized = prequantized
     self.path = _path(module)
 
   def static_range(self, point: str):
@@ -88,11 +87,15 @@ class _Ctx:
                        f"{r.shape}, expected (2,) = (lo, hi)")
     return r[0], r[1]
 
-  def record(self, point: str, x):
-    """Calibration mode: store this call's per-tensor range (merging repeats)."""
+  def record(self, point: str, x, bits: int, symmetric: bool):
+    """Calibration mode: store this call's per-tensor range (merging repeats).
+
+    The range is chosen for the bits this operand is quantized at (``bits``: an
+    8-bit end such as the patch-embedding input gets its 8-bit MSE / percentile
+    range, not the setting's ``a_bits`` one).
+    """
     s = self.setting
-    lo, hi = q.calibrate(x, s.a_bits, s.calibrator, axis=None,
-                         symmetric=s.a_symmetric if point != "probs" else False,
+    lo, hi = q.calibrate(x, bits, s.calibrator, axis=None, symmetric=symmetric,
                          percentile=s.percentile, grid=s.mse_grid)
     r = jnp.stack([lo.reshape(()), hi.reshape(())])
     name = CALIB_PREFIX + point
@@ -107,7 +110,7 @@ class _Ctx:
     if symmetric is None:
       symmetric = s.a_symmetric
     if self.mode == "calib":
-      self.record(point, x)
+      self.record(point, x, bits, symmetric)
       return x
     if s.a_mode == "static":
       return q.fake_quant(x, bits, axis=None, symmetric=symmetric,
@@ -116,115 +119,80 @@ class _Ctx:
     return q.fake_quant(x, bits, axis=axis, symmetric=symmetric, ste=self.ste)
 
   def weight(self, w, keep_axes, bits):
-    if self.mode == "calib":
+    if self.mode == "calib" or self.prequantized:
       return w
-    axis = keep_axes if self.setting.w_granularity == "channel" else None
-    return q.fake_quant(w, bits, axis=axis, symmetric=self.setting.w_symmetric,
-                        ste=self.ste)
+    return quantize_weight(w, keep_axes, bits, self.setting, ste=self.ste)
 
 
-class _QuantDotGeneral:
-  """``lax.dot_general``-compatible wrapper quantizing both operands."""
-
-  def __init__(self, inner, ctx: _Ctx, bits: tuple[int, int]):
-    self.inner, self.ctx, (self.w_bits, self.a_bits) = inner, ctx, bits
-
-  def __call__(self, lhs, rhs, dimension_numbers, precision=None,
-               preferred_element_type=None, **kwargs):
-    (lc, rc), (lb, rb) = dimension_numbers
-    keep_l = tuple(i for i in range(lhs.ndim) if i not in lc)
-    keep_r = tuple(i for i in range(rhs.ndim) if i not in rc)
-    lhs = self.ctx.activation(lhs, keep_l, self.a_bits)
-    rhs = self.ctx.weight(rhs, keep_r, self.w_bits)
-    if preferred_element_type is not None:
-      kwargs["preferred_element_type"] = preferred_element_type
-    return self.inner(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
+def quantize_weight(w, keep_axes, bits: int, setting: q.QuantSetting, *,
+                    ste: bool = False):
+  """The setting's weight quantizer: per output channel (``keep_axes``) or tensor."""
+  axis = keep_axes if setting.w_granularity == "channel" else None
+  return q.fake_quant(w, bits, axis=axis, symmetric=setting.w_symmetric, ste=ste)
 
 
-class _QuantConv:
-  """``lax.conv_general_dilated``-compatible wrapper quantizing both operands."""
+def _matmul_hook(ctx: _Ctx, bits: tuple[int, int], plan_entry: dict | None):
+  """Operand hook: activation at ``a_bits`` (per token / example), weight at ``w_bits``."""
+  w_bits, a_bits = bits
 
-  def __init__(self, inner, ctx: _Ctx, bits: tuple[int, int]):
-    self.inner, self.ctx, (self.w_bits, self.a_bits) = inner, ctx, bits
+  def hook(lhs, rhs, lo: intercept.Operand, ro: intercept.Operand):
+    if plan_entry is not None and "w_keep_axes" not in plan_entry:
+      plan_entry.update(w_keep_axes=ro.keep_axes, w_ndim=rhs.ndim,
+                        w_dtype=str(rhs.dtype))
+    return (ctx.activation(lhs, lo.keep_axes, a_bits),
+            ctx.weight(rhs, ro.keep_axes, w_bits))
 
-  def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None,
-               rhs_dilation=None, dimension_numbers=None, **kwargs):
-    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    lhs = self.ctx.activation(lhs, (dn.lhs_spec[0],), self.a_bits)  # per example
-    rhs = self.ctx.weight(rhs, (dn.rhs_spec[0],), self.w_bits)       # per cout
-    return self.inner(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                      rhs_dilation=rhs_dilation, dimension_numbers=dn, **kwargs)
+  return hook
 
 
-class _QuantAttention:
-  """Dot-product attention with q, k, softmax probabilities and v quantized."""
+def _attention_hook(ctx: _Ctx, a_bits: int):
+  """q, k, v per (token, head); softmax probabilities per query row on [0, max]."""
 
-  def __init__(self, ctx: _Ctx, a_bits: int):
-    self.ctx, self.a_bits = ctx, a_bits
+  def hook(kind, x):
+    keep = tuple(range(x.ndim - 1))  # all but the contracted last axis
+    return ctx.activation(x, keep, a_bits, kind,
+                          symmetric=False if kind == "probs" else None)
 
-  def __call__(self, query, key, value, bias=None, mask=None,
-               broadcast_dropout=True, dropout_rng=None, dropout_rate=0.0,
-               deterministic=False, dtype=None, precision=None, module=None,
-               force_fp32_for_softmax=False):
-    b, c = self.a_bits, self.ctx
-    tok = lambda x: tuple(range(x.ndim - 1))  # all but the contracted last axis
-    query = c.activation(query, tok(query), b, "q")
-    key = c.activation(key, tok(key), b, "k")
-    value = c.activation(value, tok(value), b, "v")
-    w = nn.dot_product_attention_weights(
-        query, key, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
-        deterministic, dtype, precision, module, force_fp32_for_softmax)
-    w = c.activation(w, tok(w), b, "probs", symmetric=False)
-    return jnp.einsum("...hqk,...khd->...qhd", w, value, precision=precision)
+  return hook
 
 
 def make_interceptor(setting: q.QuantSetting, *, mode: str = "quant",
                      ste: bool = False, collection: str = COLLECTION,
-                     plan: list | None = None):
+                     plan: list | None = None, prequantized: bool = False):
   """The ``intercept_methods`` interceptor for ``setting``.
 
   ``mode='quant'`` fake-quantizes; ``'calib'`` runs in float and records
-  static ranges (needs ``collection`` mutable). ``plan``, if a list, receives
-  one dict per intercepted call (path, kind, bits) at trace time.
+  static ranges (needs ``collection`` mutable). ``prequantized=True`` leaves
+  kernels as they come (see :func:`prequantize`). ``plan``, if a list, receives
+  one dict per intercepted call (path, kind, bits; for matmuls also the
+  kernel's output-channel axes ``w_keep_axes``, rank and dtype as the
+  contraction sees them) at trace time.
   """
   if mode not in ("quant", "calib"):
     raise ValueError(f"mode must be 'quant' or 'calib', got {mode!r}")
 
   def interceptor(next_fun, args, kwargs, context):
     mod = context.module
-    if context.method_name != "__call__":
+    if not intercept.is_call(context) or intercept.is_wrapped(mod):
       return next_fun(*args, **kwargs)
-    is_mm = _is_matmul(mod)
-    is_attn = setting.attention and isinstance(mod, nn.MultiHeadDotProductAttention)
+    is_mm = intercept.is_matmul(mod)
+    is_attn = setting.attention and intercept.is_attention(mod)
     if not (is_mm or is_attn):
-      return next_fun(*args, **kwargs)
-    # Our own clones come through here again: let them run.
-    if is_mm and isinstance(getattr(mod, "dot_general", None), _QuantDotGeneral):
-      return next_fun(*args, **kwargs)
-    if is_mm and isinstance(getattr(mod, "conv_general_dilated", None), _QuantConv):
-      return next_fun(*args, **kwargs)
-    if is_attn and isinstance(mod.attention_fn, _QuantAttention):
       return next_fun(*args, **kwargs)
     path = _path(mod)
     bits = setting.bits_for(path)
     if bits is None:
       return next_fun(*args, **kwargs)
-    ctx = _Ctx(setting, mode, ste, mod, collection)
+    ctx = _Ctx(setting, mode, ste, mod, collection, prequantized)
+    entry = None
     if plan is not None:
-      plan.append(dict(path=path, kind=type(mod).__name__,
-                       w_bits=None if is_attn else bits[0], a_bits=bits[1]))
+      entry = dict(path=path, kind=type(mod).__name__,
+                   w_bits=None if is_attn else bits[0], a_bits=bits[1])
+      plan.append(entry)
     if is_attn:
-      clone = mod.clone(parent=mod.scope, attention_fn=_QuantAttention(ctx, bits[1]))
-    elif isinstance(mod, nn.Conv):
-      inner = (mod.conv_general_dilated_cls() if mod.conv_general_dilated_cls
-               else mod.conv_general_dilated or lax.conv_general_dilated)
-      clone = mod.clone(parent=mod.scope, conv_general_dilated_cls=None,
-                        conv_general_dilated=_QuantConv(inner, ctx, bits))
+      clone = intercept.wrap_attention(mod, _attention_hook(ctx, bits[1]))
     else:
-      inner = (mod.dot_general_cls() if mod.dot_general_cls
-               else mod.dot_general or lax.dot_general)
-      clone = mod.clone(parent=mod.scope, dot_general_cls=None,
-                        dot_general=_QuantDotGeneral(inner, ctx, bits))
+      clone = intercept.wrap_matmul(mod, _matmul_hook(ctx, bits, entry))
     ctx.module = clone  # variables are read/written through the bound clone
     return clone(*args, **kwargs)
 
@@ -247,19 +215,26 @@ def quantize(setting: q.QuantSetting | str, *, ste: bool = False,
 
 def quantized_apply(apply_fn: Callable, setting: q.QuantSetting | str, *,
                     calibration: Mapping | None = None, ste: bool = False,
-                    collection: str = COLLECTION) -> Callable:
+                    collection: str = COLLECTION,
+                    prequantized: bool = False) -> Callable:
   """``apply_fn`` (e.g. ``model.apply``) with fake quantization.
 
   Returns ``f(variables, *args, **kwargs)`` with the signature of ``apply_fn``.
   ``calibration`` (from :func:`calibrate`) is required by static settings and
   passed to the model as the ``collection`` variables. ``ste=True`` gives
-  straight-through gradients for QAT.
+  straight-through gradients for QAT. ``prequantized=True``: the variables
+  come from :func:`prequantize` (weights already on the grid), so only
+  activations are quantized in the pass (the evaluation path).
   """
   setting = q.get_setting(setting)
   if setting.needs_calibration and calibration is None:
     raise ValueError(f"quant setting {setting.name!r} has static activation "
                      "ranges: pass calibration= (see calibrate()).")
-  interceptor = make_interceptor(setting, ste=ste, collection=collection)
+  if ste and prequantized:
+    raise ValueError("quantized_apply: ste=True (QAT) quantizes weights inside the "
+                     "step for their gradients; it cannot use prequantized=True")
+  interceptor = make_interceptor(setting, ste=ste, collection=collection,
+                                 prequantized=prequantized)
 
   def f(variables, *args, **kwargs):
     if calibration is not None:
@@ -268,19 +243,6 @@ def quantized_apply(apply_fn: Callable, setting: q.QuantSetting | str, *,
       return apply_fn(variables, *args, **kwargs)
 
   return f
-
-
-def _only_calib(tree):
-  """Keep only the ``quant_calib_*`` leaves of a collection tree (drop empties)."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      sub = _only_calib(v)
-      if sub:
-        out[k] = sub
-    elif k.startswith(CALIB_PREFIX):
-      out[k] = v
-  return out
 
 
 def calibration_apply(apply_fn: Callable, setting: q.QuantSetting | str, *,
@@ -294,10 +256,9 @@ def calibration_apply(apply_fn: Callable, setting: q.QuantSetting | str, *,
   interceptor = make_interceptor(setting, mode="calib", collection=collection)
 
   def f(variables, *args, **kwargs):
-    variables = {k: v for k, v in variables.items() if k != collection}
-    with nn.intercept_methods(interceptor):
-      _, state = apply_fn(variables, *args, mutable=[collection], **kwargs)
-    return _only_calib(dict(state.get(collection, {})))
+    _, tree = intercept.run(apply_fn, variables, interceptor, *args,
+                            collection=collection, **kwargs)
+    return intercept.collect(tree, CALIB_PREFIX, strip=False)
 
   return f
 
@@ -355,3 +316,55 @@ def quantization_plan(apply_fn: Callable, setting: q.QuantSetting | str,
 
   jax.eval_shape(f, variables, *args)
   return plan
+
+
+def prequantize(apply_fn: Callable, setting: q.QuantSetting | str, variables,
+                *args, **kwargs):
+  """``variables`` with every kernel ``setting`` quantizes replaced by ``Q_w(W)``.
+
+  The quantized layers, their bits and each kernel's output-channel axes come
+  from a trace of ``apply_fn(variables, *args, **kwargs)`` (``jax.eval_shape``:
+  nothing runs; one example suffices); the kernels are then quantized in one
+  jitted function. Under ``nn.scan`` a stacked kernel ``(layers, ...)`` keeps
+  one scale set per layer. The kernel is quantized in the dtype the layer's
+  contraction uses (``dtype_mm``) and stored back in its own dtype, so
+  ``quantized_apply(apply_fn, setting, prequantized=True)(prequantize(...), x)``
+  equals ``quantized_apply(apply_fn, setting)(variables, x)``.
+  """
+  setting = q.get_setting(setting)
+  plan = quantization_plan(apply_fn, setting, variables, *args, **kwargs)
+  if "params" not in variables:
+    raise KeyError("prequantize: variables have no 'params' collection")
+  todo = {}
+  for p in plan:
+    if p["w_bits"] is None or p["path"] in todo:
+      continue
+    kernel = intercept.subtree(variables["params"], p["path"] + "/kernel")
+    if kernel is None:
+      raise KeyError(f"prequantize: no params at '{p['path']}/kernel' for the "
+                     "quantized layer of that path")
+    if "w_keep_axes" not in p:
+      raise ValueError(f"prequantize: layer '{p['path']}' was intercepted but its "
+                       "contraction never ran")
+    lead = kernel.ndim - p["w_ndim"]
+    if lead < 0:
+      raise ValueError(f"prequantize: kernel '{p['path']}/kernel' has shape "
+                       f"{kernel.shape}, the layer contracts a rank-{p['w_ndim']} "
+                       "kernel")
+    # leading (scan) layer axes always keep their own scales
+    keep = tuple(range(lead))
+    if setting.w_granularity == "channel":
+      keep += tuple(a + lead for a in p["w_keep_axes"])
+    todo[p["path"]] = (p["w_bits"], keep or None, p["w_dtype"])
+
+  def quantize_all(params):
+    flat = dict(intercept.flatten(params))
+    for path, (bits, keep, dtype) in todo.items():
+      key = tuple(path.split("/")) + ("kernel",)
+      w = flat[key]
+      wq = q.fake_quant(w.astype(dtype), bits, axis=keep,
+                        symmetric=setting.w_symmetric)
+      flat[key] = wq.astype(w.dtype)
+    return intercept.nest(flat)
+
+  return {**variables, "params": jax.jit(quantize_all)(variables["params"])}

@@ -157,8 +157,9 @@ def test_select_active_tree_and_set_active():
   assert active[scan].dtype == jnp.int32
   state = optim.s2d(k=1, k_max=3, init_iters=0).init(params)
   state = optim.set_active(state, active)
-  np.testing.assert_array_equal(state.active[scan], [1, 2])
-  assert int(state.active["head/kernel"]) == 0 and int(state.active[query]) == 3
+  counts = optim.active_counts(state)
+  np.testing.assert_array_equal(counts[scan], [1, 2])
+  assert int(counts["head/kernel"]) == 0 and int(counts[query]) == 3
   # A mask excluding the head: no entry for it.
   mask = {"Transformer": True, "MultiHeadDotProductAttention_0": True, "head": False}
   assert "head/kernel" not in pcdr.select_active(params, inputs, mask=mask, num_outputs=12)

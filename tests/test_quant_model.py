@@ -194,3 +194,48 @@ def test_ste_gradients_for_qat():
   g4 = grad(params, qm.quantized_apply(model.apply, "W4A4", ste=True))
   assert float(jnp.abs(get(g4) - get(g_float)).max()) > 0
   assert float(jnp.abs(get(g4)).max()) > 0.1 * float(jnp.abs(get(g_float)).max())
+
+
+@pytest.mark.parametrize("scan,setting", [
+    (False, "W4A4"),
+    (True, q.get_setting("W3A6", w_granularity="tensor")),  # one scale per layer
+])
+def test_prequantized_weights_give_identical_outputs(tiny, scan, setting):
+  """Weights quantized once (prequantize) == quantized inside every pass."""
+  model, params, x = tiny
+  if scan:
+    model, params = _vit(True), _loop_to_scan(params, TINY["depth"])
+  f = lambda v, x: model.apply(v, x)[0]
+  v = {"params": params}
+  want = jax.jit(qm.quantized_apply(f, setting))(v, x)
+  pv = qm.prequantize(f, setting, v, x[:1])
+  got = jax.jit(qm.quantized_apply(f, setting, prequantized=True))(pv, x)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  blk = "encoderblock" if scan else "encoderblock_0"
+  k = pv["params"]["Transformer"][blk]["MlpBlock_0"]["Dense_1"]["kernel"]
+  w = params["Transformer"][blk]["MlpBlock_0"]["Dense_1"]["kernel"]
+  assert k.shape == w.shape and not np.allclose(k, w)
+  levels = lambda a: len(np.unique(np.asarray(a)))
+  if scan:  # per tensor, per layer: at most 2^3 - 1 levels in each layer
+    assert all(levels(k[i]) <= 7 for i in range(TINY["depth"]))
+  else:     # per output channel: at most 15 levels in each column
+    assert max(levels(k[:, j]) for j in range(k.shape[1])) <= 15
+  np.testing.assert_array_equal(pv["params"]["head"]["bias"], params["head"]["bias"])
+  with pytest.raises(ValueError, match="ste=True"):
+    qm.quantized_apply(f, setting, ste=True, prequantized=True)
+
+
+def test_static_range_chosen_for_the_operand_bits(tiny):
+  """An 8-bit end (patch embedding, keep_ends) gets the range of an 8-bit MSE search
+  on its input, not of the setting's a_bits search; a 4-bit layer its 4-bit one."""
+  model, params, x = tiny
+  setting = q.get_setting("W4A4-static-mse")
+  assert setting.bits_for("embedding") == (8, 8)
+  cal = qm.calibrate(model.apply, setting, {"params": params}, [(x,)])
+  got = np.asarray(cal["embedding"][qm.CALIB_PREFIX + "input"])
+  want8 = q.calibrate(x, 8, "mse", axis=None, symmetric=setting.a_symmetric,
+                      grid=setting.mse_grid)
+  want4 = q.calibrate(x, 4, "mse", axis=None, symmetric=setting.a_symmetric,
+                      grid=setting.mse_grid)
+  np.testing.assert_allclose(got, np.ravel(want8), rtol=1e-6)
+  assert not np.allclose(np.ravel(want8), np.ravel(want4))  # the test can tell them apart

@@ -5,7 +5,7 @@
     logits, _ = qapply(qvariables, images)
 
 A setting name is ``"METHOD/W<w>A<a>"`` with METHOD in :data:`METHODS`. Each method
-lives in its own module (``repq.py``, ``ptq4vit.py``, ``erq.py``) exposing
+lives in its own module (``repq.py``, ``ptq4vit.py``, ``erq.py``, ``gptq.py``) exposing
 
     quantize(apply_fn, variables, calib_images, w_bits, a_bits, *,
              output_fn=None, **options) -> (qapply, qvariables)
@@ -14,12 +14,33 @@ with the contract of :func:`quantize` below. Methods are ports of the official
 implementations (zkkli/RepQ-ViT, hahnyuan/PTQ4ViT, zysxmu/ERQ): same quantized ops,
 quantizers, calibration flow and defaults; each module's docstring says exactly what
 it quantizes and where it departs from the original.
+
+Shared building blocks (every method uses them; none edits the model):
+
+* :mod:`s2d_jax.ptq.ops` -- the one op-interception mechanism: a method supplies a
+  *provider* that sees every quantization point (Dense / DenseGeneral / Conv weight,
+  input and output; attention q, k, softmax probabilities, v) with its module path;
+  calibration mode (state initialised in forward order on the quantized network,
+  within one pass), apply mode (state read only, weights already quantized), the
+  plan, baking weights, gradients w.r.t. layer outputs. Provider state lives in the
+  ``'intermediates'`` collection at each module's scope (``'ptq.<kind>'``), stacked
+  per layer under big_vision's ``nn.scan``.
+* :mod:`s2d_jax.ptq.quantizers` -- RepQ-ViT's uniform and log√2 quantizers and the
+  quantile search (pure jnp).
+* :mod:`s2d_jax.ptq.reparam` -- LayerNorm -> Dense discovery and scale
+  reparameterisation (RepQ-ViT; ERQ reuses it).
+
+``qapply.info`` (JSON-able, for report.json) holds at least ``method``, ``name``,
+``w_bits``, ``a_bits``, ``calib_images`` (number used), ``options`` and ``plan`` (one
+entry per quantized point: ``path``, ``kind``, ``call``, ``module``, ``bits``,
+``quantizer``, ``granularity``, ...); methods add their own per-layer choices.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,6 +50,7 @@ METHODS: dict[str, str] = {
     "RepQ-ViT": "repq",
     "PTQ4ViT": "ptq4vit",
     "ERQ": "erq",
+    "GPTQ": "gptq",   # weight-only baseline (e.g. "GPTQ/W4A16"), ERQ's Wqer machinery
 }
 
 _BITS_RE = re.compile(r"^W(\d+)A(\d+)$")
@@ -110,5 +132,12 @@ def quantize(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
   """
   setting = parse_name(name)
   mod = method_module(setting.method)
+  params = inspect.signature(mod.quantize).parameters
+  if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    known = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+      raise ValueError(f"PTQ setting {name!r}: unknown option(s) {unknown}; "
+                       f"{setting.method} accepts {known}")
   return mod.quantize(apply_fn, variables, calib_images, setting.w_bits,
                       setting.a_bits, **options)
