@@ -14,12 +14,17 @@ Args: s2d (bool), size ('default' | 'tiny' for tests), init (npz; '' = from scra
 data_dir (tfds data_dir holding s2d_demo_shapes), steps (0 = size default),
 dataset (tfds name incl. config, default per size), ptq (PTQ methods evaluated at
 W4A4: 'all' = every method of `s2d_jax.ptq.METHODS` whose module is installed, '' =
-none, or a comma-separated list).
+none, or a comma-separated list), ptq_w6a6 (bool: the PTQ methods at W6A6 too).
 
 Evaluation: float, static min-max W8A8 / W6A6 / W4A4 (activation ranges calibrated
 on `calib_batches` training batches), dynamic per-token W4A4 (cheap; it shows that
 the outliers cost static ranges, not dynamic ones) and the paper's PTQ protocols at
-W4A4 (RepQ-ViT, PTQ4ViT, ERQ: `s2d_jax.ptq`, 32 calibration images).
+W4A4 (RepQ-ViT, PTQ4ViT, ERQ: `s2d_jax.ptq`, 32 calibration images), plus the
+weight-only GPTQ baseline at W4A16. Cost per evaluated model on 2 CPU cores
+(measured, one model): float 15 s; calibration RepQ-ViT 19 s, PTQ4ViT 57 s, ERQ
+29 s, GPTQ 8 s at W4A4, ~3 s each to evaluate; at W6A6 another ~46 s of
+calibration, which over 2 runs x 3 seeds would add ~6 minutes to the main job: off
+by default (`ptq_w6a6=True`).
 
 Task: classify the colour of the shape (the dataset's `color` feature, 12 classes,
 chance 8.3%), copied into `label` by the preprocessing. The pre-training captions name
@@ -69,6 +74,8 @@ from s2d_jax import ptq
 
 # PCDR threshold for the demo (paper: 0.95); see the module docstring.
 TAU = 0.5
+# Weight-only PTQ methods (activations stay float): evaluated at W<bits>A16.
+WEIGHT_ONLY = ('GPTQ',)
 # The fine-tuning label: the shape's colour (12 classes, the `color` feature).
 LABEL = 'copy(inkey="color", outkey="label")'
 
@@ -101,7 +108,7 @@ def ptq_methods(spec: str) -> list[str]:
 
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, s2d=False, size='default', init='', data_dir='',
-                               steps=0, dataset='', ptq='all')
+                               steps=0, dataset='', ptq='all', ptq_w6a6=False)
   if arg.size not in SIZES:
     raise ValueError(f'configs/demo.py: size={arg.size!r} not in {sorted(SIZES)}')
   z = SIZES[arg.size]
@@ -140,6 +147,8 @@ def get_config(arg=None):
                    f'|{LABEL}|keep("image","label")')
   c.evaluate.batch_size = z['eval_batch']
   c.evaluate.settings = z['settings'] + tuple(
-      f'{m}/{b}' for m in ptq_methods(arg.ptq) for b in z['ptq_bits'])
+      f'{m}/{b.split("A")[0]}A16' if m in WEIGHT_ONLY else f'{m}/{b}'
+      for b in z['ptq_bits'] + (('W6A6',) if arg.ptq_w6a6 else ())
+      for m in ptq_methods(arg.ptq))
   c.evaluate.calib_batches = 2
   return c

@@ -126,3 +126,16 @@ def test_help_lists_flags_and_an_example(entry, capsys):
     assert '--config' in out and '--coordinator_address' in out
   else:
     assert '--size' in out and '--seeds' in out and '--pretrain' in out
+
+
+def test_demo_config_ptq_settings():
+  """Every registered PTQ method at W4A4 (weight-only GPTQ at W4A16) by default."""
+  from s2d_jax import ptq  # pylint: disable=g-import-not-at-top
+  settings = config_utils.load_config('demo').evaluate.settings
+  assert settings[:5] == ('float', 'W8A8-static', 'W6A6-static', 'W4A4-static', 'W4A4')
+  want = [f'{m}/W4A16' if m == 'GPTQ' else f'{m}/W4A4' for m in ptq.METHODS]
+  assert list(settings[5:]) == want
+  assert config_utils.load_config('demo:ptq=ERQ').evaluate.settings[5:] == ('ERQ/W4A4',)
+  assert len(config_utils.load_config('demo:ptq=').evaluate.settings) == 5
+  with pytest.raises(ValueError, match="ptq='Foo'.*unknown method 'Foo'"):
+    config_utils.load_config('demo:ptq=Foo')
