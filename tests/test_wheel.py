@@ -46,6 +46,7 @@ def test_wheel_installs_and_runs_the_main_job_from_an_empty_folder(tmp_path):
   names = set(zipfile.ZipFile(wheel).namelist())
   for f in ('s2d_jax/configs/demo.py', 's2d_jax/configs/demo_pretrain.py',
             's2d_jax/configs/siglip2_b16_384_i1k.py', 's2d_jax/assets/README.md',
+            's2d_jax/assets/demo_siglip.npz', 's2d_jax/assets/demo_captions.model',
             's2d_jax/ptq/__init__.py', 's2d_jax/models/vit.py'):
     assert f in names, f
   site = tmp_path / 'site'
@@ -60,7 +61,8 @@ def test_wheel_installs_and_runs_the_main_job_from_an_empty_folder(tmp_path):
              cwd=str(empty), env=env)
   assert out.strip().startswith(str(site)), out
   out = _run([sys.executable, '-m', 's2d_jax.main', '--workdir', 'w', '--size', 'tiny',
-              '--pretrain_steps', '2', '--finetune_steps', '2'], cwd=str(empty), env=env)
+              '--pretrain_steps', '2', '--finetune_steps', '2', '--seeds', '1'],
+             cwd=str(empty), env=env)
   assert 'AdamW+S2D' in out
   assert os.path.exists(empty / 'w' / 'results.md')
-  assert os.path.exists(empty / 'w' / 'adamw' / 'report.json')
+  assert os.path.exists(empty / 'w' / 'adamw' / 'seed0' / 'report.json')
