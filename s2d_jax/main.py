@@ -29,8 +29,10 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.resources
+import json
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -45,8 +47,11 @@ SIZES = ('default', 'tiny')
 RUNS = (('AdamW', 'adamw', False), ('AdamW+S2D', 's2d', True))
 # The shipped starting model (size 'default') and its caption SentencePiece model.
 ASSET_NPZ, ASSET_SPM = 'demo_siglip.npz', 'demo_captions.model'
-VERSIONS = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'tensorflow',
-            'tensorflow-datasets', 'numpy')
+# Reported versions: name -> distributions that provide it (first installed wins).
+VERSIONS = {'jax': ('jax',), 'jaxlib': ('jaxlib',), 'flax': ('flax',),
+            'optax': ('optax',), 'orbax-checkpoint': ('orbax-checkpoint',),
+            'tensorflow': ('tensorflow', 'tensorflow-cpu', 'tf-nightly'),
+            'tensorflow-datasets': ('tensorflow-datasets',), 'numpy': ('numpy',)}
 
 
 def _log(msg):
@@ -71,12 +76,16 @@ def cpu_seconds() -> float:
 
 
 def versions() -> dict[str, str | None]:
+  """{package: installed version or None}, plus python."""
   out = {'python': platform.python_version()}
-  for pkg in VERSIONS:
-    try:
-      out[pkg] = importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-      out[pkg] = None
+  for name, dists in VERSIONS.items():
+    out[name] = None
+    for dist in dists:
+      try:
+        out[name] = importlib.metadata.version(dist)
+        break
+      except importlib.metadata.PackageNotFoundError:
+        continue
   return out
 
 
@@ -198,6 +207,67 @@ def format_headline(head: Mapping[str, Mapping[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
+def _fmt(v, stat_fmt):
+  if v is None:
+    return '-'
+  return stat_fmt.format(v if isinstance(v, (int, float)) else v['mean'])
+
+
+def format_layers(res: Mapping[str, Any]) -> str:
+  """Markdown: per activation max|act|, max/median, kurtosis and per kernel σ_max,
+  PCDR_1: start model -> each run (seed means), in layer order."""
+  whos = ['start'] + list(res['runs'])
+  out = []
+  for table, stats in (('layers', (('max|act|', 'max_abs', '{:.1f}'),
+                                   ('max/median', 'max_median', '{:.0f}'),
+                                   ('kurtosis', 'kurtosis', '{:.0f}'))),
+                       ('kernels', (('σ_max', 'sigma_max', '{:.2f}'),
+                                    ('PCDR_1', 'pcdr1', '{:.2f}')))):
+    head = ['activation' if table == 'layers' else 'kernel'] + [
+        f'{label} ({" → ".join(whos)})' for label, _, _ in stats]
+    out += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for name in sorted(res[table], key=_layer_order):
+      v = res[table][name]
+      cells = [' → '.join(_fmt((v.get(w) or {}).get(key), f) for w in whos)
+               for _, key, f in stats]
+      out.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+    out.append('')
+  return '\n'.join(out)
+
+
+_SUB_ORDER = ('query', 'key', 'value', 'out', 'Dense_0', 'Dense_1', 'output')
+
+
+def _layer_order(name: str):
+  """embedding, encoder blocks in order (q, k, v, out, fc1, fc2, output), MAP, head."""
+  m = re.search(r'encoderblock_(\d+)', name)
+  block = (int(m.group(1)) if m else -1 if name.startswith('embedding') else
+           1000 if name.startswith('head') else 999)
+  sub = next((i for i, t in enumerate(_SUB_ORDER) if f'/{t}/' in name + '/'), 0)
+  return block, sub, name
+
+
+def results_markdown(res: Mapping[str, Any]) -> str:
+  """results.md: header (run, machine, time, versions), accuracy table, headline and
+  per-layer statistics."""
+  v = res['versions']
+  header = (
+      f'Main job (size={res["size"]}, {len(res["seeds"])} seed(s) {res["seeds"]}, '
+      f'{res["finetune"]["steps"]} fine-tuning steps per run), measured in '
+      f'{res["wall_s"]:.0f} s wall / {res["cpu_s"]:.0f} s CPU on '
+      f'{res["machine"]["cpu_count"]} CPU core(s) ({res["machine"]["backend"]}, '
+      f'{res["machine"]["devices"]} device(s)); jax {v.get("jax")}, flax '
+      f'{v.get("flax")}, optax {v.get("optax")}, tensorflow {v.get("tensorflow")}. '
+      f'Starting model: {res["start_model"]["source"]} npz (sha256 '
+      f'{res["start_model"]["sha256"][:12]}). Top-1 % on the s2d_demo_shapes test '
+      'split (1024 images), mean ± sample std over seeds; Δ: difference of the means '
+      '(points).')
+  return (f'{header}\n\n{format_table(res)}\n\nLargest statistic over layers / '
+          f'kernels (seed means; the start model\'s new head is zero):\n\n'
+          f'{format_headline(res["headline"])}\n\nPer layer (float model, test split; '
+          'PCDR_1 on the first 8 test images):\n\n' + format_layers(res))
+
+
 # --------------------------------------------------------------------- job --
 
 def start_model(workdir: str, size: str, pretrain: bool, builder, data_dir: str,
@@ -307,19 +377,11 @@ def run(workdir: str, size: str = 'default', pretrain: bool = False,
       {n: r[0] for n, r in reports.items()},
       {n: {s: a['mean'] for s, a in results['runs'][n]['accuracy'].items()}
        for n in results['runs']}, settings, os.path.join(workdir, 'plots'))
-  import json  # pylint: disable=g-import-not-at-top
+  results = report.jsonable(results)
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(report.jsonable(results), f, indent=1)
-  header = (
-      f'Main job (size={size}, {seeds} seed(s) {seed_list}, {steps} fine-tuning '
-      f'steps), measured in {wall:.0f} s wall / {cpu:.0f} s CPU on '
-      f'{os.cpu_count()} CPU core(s), {jax.device_count()} {jax.default_backend()} '
-      f'device(s). Starting model: {start["source"]} npz (sha256 '
-      f'{start["sha256"][:12]}). Top-1 % on the s2d_demo_shapes test split, mean ± '
-      'sample std over seeds; Δ: difference of the means (points).')
+    json.dump(results, f, indent=1)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(f'{header}\n\n{table}\n\nLargest statistics over layers / kernels '
-            f'(seed means):\n\n{head}\n')
+    f.write(results_markdown(results))
   print(table, flush=True)
   print(head, flush=True)
   _log(f'done in {wall:.0f}s wall, {cpu:.0f}s CPU; results in '

@@ -54,6 +54,11 @@ def test_aggregate_mean_std_delta_and_layers():
   assert head['AdamW+S2D']['max_abs'] == pytest.approx(6.0)
   table = main.format_table(res)
   assert '| W4A4-static' in table and '70.00 ± 14.14' in table and '+5.00' in table
+  layers = main.format_layers(res)
+  assert ('| Transformer/encoderblock_0/MlpBlock_0/Dense_1/input | 30.0 → 15.0 → 6.0 | '
+          '300 → 150 → 60 | 3 → 3 → 3 |') in layers
+  assert ('| Transformer/encoderblock_0/MlpBlock_0/Dense_0 | 8.00 → 5.00 → 2.50 | '
+          '0.70 → 0.50 → 0.20 |') in layers
 
 
 def test_mean_std_one_seed_has_zero_std():
@@ -99,7 +104,7 @@ def test_main_job_tiny_end_to_end(tmp_path):
   assert any(k.startswith('params/txt/') for k in z.files)
   start = json.load(open(os.path.join(wd, 'start', 'report.json')))
   assert saved['layers'][layer]['start']['max_abs'] == start['layers'][layer]['max_abs']
-  assert set(saved['versions']) >= {'jax', 'flax', 'optax', 'tensorflow'}
+  assert all(saved['versions'][k] for k in ('jax', 'flax', 'optax', 'tensorflow'))
   assert saved['cpu_s'] > 0 and saved['wall_s'] > 0
   for name in ('accuracy.png', 'max_act.png', 'kurtosis.png', 'sigma_max.png'):
     assert os.path.getsize(os.path.join(wd, 'plots', name)) > 0
