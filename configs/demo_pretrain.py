@@ -26,8 +26,9 @@ sits in the residual stream (block outputs). The previous recipe (500 steps at 5
 20% warmup) reached a ratio of ~30 and max|x| ~28. With lr 2e-2 the float model
 stayed at ~67% after fine-tuning; see s2d_jax/assets/README.md for the whole log.
 
-Hardware: 1 CPU (2 cores), ~1040 CPU s (17 CPU minutes) at the default size; the
-main job does not run it unless asked (`--pretrain`): it starts from the shipped npz.
+Hardware: 1 CPU (2 cores), 816-1037 CPU s (14-17 CPU minutes) at the default size;
+the main job does not run it unless asked (`--pretrain`): it starts from the shipped
+npz, which this config re-creates bit for bit on the same machine and versions.
 """
 
 import re

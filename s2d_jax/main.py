@@ -396,7 +396,7 @@ USAGE = r"""The main job: S2D end to end on the embedded demo data, offline.
 
 Starts from the shipped demo SigLIP model (s2d_jax/assets/demo_siglip.npz, a tiny
 two-towers model with grown activation outliers; --pretrain re-creates it with config
-demo_pretrain, ~17 CPU minutes), fine-tunes a classifier from it with AdamW and with
+demo_pretrain, ~14-17 CPU minutes), fine-tunes a classifier from it with AdamW and with
 AdamW + S2D (config demo) for --seeds seeds, evaluates float, static min-max
 W8A8/W6A6/W4A4, dynamic W4A4 and the paper's PTQ methods, and prints one table
 (mean ± std over seeds) plus per-layer outlier statistics before and after.
