@@ -31,7 +31,9 @@ Settings:
 * uniform `s2d_jax.quant` settings (`W8A8`, `W4A4-static`, ...): static ones are
   calibrated on the first `calib_batches` global batches (padded rows replaced by
   real rows of the same batch; minmax ranges combine by min/max, percentile/MSE by
-  the mean over batches);
+  the mean over batches); their weights are quantized once per setting
+  (`quant_model.prequantize`, one extra copy of the params per uniform setting
+  while evaluating), so each pass quantizes activations only;
 * PTQ methods `METHOD/WxAy` (`s2d_jax.ptq.quantize`): calibrated once per setting on
   `calib_images` (the same images on every process), then `qapply(qvariables, x)`
   is evaluated like the other settings.
@@ -154,8 +156,11 @@ class _Steps:
     return self._count(out, labels, mask), st
 
   def add_uniform(self, s):
+    # `variables` are the setting's prequantized ones (weights on their grid once,
+    # not re-quantized in every pass): only activations are quantized here.
     def step(variables, calib, images, labels, mask):
-      f = quant_model.quantized_apply(self.apply_fn, s, calibration=calib)
+      f = quant_model.quantized_apply(self.apply_fn, s, calibration=calib,
+                                      prequantized=True)
       return self._count(f(variables, images), labels, mask)
     self.quant[s.name] = jax.jit(step, out_shardings=self.repl)
     if s.needs_calibration:
@@ -257,10 +262,12 @@ def evaluate_model(apply_fn: Callable, variables: Mapping[str, Any],
     buffered.append(b)
   buffered = [(b, to_global(b)) for b in buffered]
 
-  calibrations, ptq_info = {}, {}
+  calibrations, ptq_info, qweights = {}, {}, {}
+  example = np.asarray(first[image_key])[:1]
   for s in parsed:
     if isinstance(s, quant.QuantSetting):
       steps.add_uniform(s)
+      qweights[s.name] = quant_model.prequantize(apply_fn, s, variables, example)
     if isinstance(s, quant.QuantSetting) and s.needs_calibration:
       t0 = time.perf_counter()
       parts = []
@@ -314,7 +321,7 @@ def evaluate_model(apply_fn: Callable, variables: Mapping[str, Any],
         c, t = jax.device_get(steps.quant[n](calibrations[n], None, g["image"],
                                              g["label"], g["mask"]))
       else:
-        c, t = jax.device_get(steps.quant[n](variables, calibrations.get(n),
+        c, t = jax.device_get(steps.quant[n](qweights[n], calibrations.get(n),
                                              g["image"], g["label"], g["mask"]))
       correct[n] += int(c)
       counted[n] += int(t)
