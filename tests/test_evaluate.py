@@ -355,3 +355,24 @@ def test_cli_help_lists_flags_and_an_example(capsys):
                "--process_id"):
     assert flag in out
   assert "python -m s2d_jax.evaluate --config" in out
+
+
+@pytest.mark.parametrize("name", ["RepQ-ViT/W4A4", "ERQ/W4A4"])  # one path for all
+def test_real_ptq_methods_in_the_evaluator(setup, name):
+  """The paper's protocols by name: the evaluator's counts equal those of
+  ptq.quantize + qapply on the same calibration images (masked last batch), and
+  report.json records the method's own info (its per-op plan)."""
+  model, variables, x, y = setup
+  calib = x[:8]
+  batches = _batches(x, y)
+  rep = ev.evaluate_model(model.apply, variables, batches, settings=["float", name],
+                          calib_images=calib, collect_stats=False, weight_stats=False,
+                          pcdr_examples=0, progress=False)
+  qapply, qvars = ptq.quantize(model.apply, variables, calib, name)
+  pred = np.asarray(jax.jit(qapply)(qvars, x)[0]).argmax(-1)
+  assert rep["counts"][name] == {"correct": int((pred == y).sum()), "total": N}
+  rec = rep["settings"][name]
+  method, bits = name.split("/")
+  assert (rec["method"], rec["w_bits"], rec["calib_images"]) == (method, int(bits[1]), 8)
+  assert rec["info"]["name"] == name and rec["info"]["plan"]
+  json.dumps(rec)
