@@ -27,7 +27,7 @@ import ast
 import importlib.util
 import os
 import sys
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from absl import flags
 import ml_collections as mlc
@@ -309,13 +309,21 @@ def _split_kv(item: str) -> tuple[str, str]:
 
 
 
-def config_as_json(config) -> dict:
-  """A ConfigDict (or dict) as plain JSON data: what `config.json` and checkpoint
-  metas hold (tuples become lists), for comparing configs across runs."""
-  import json  # pylint: disable=g-import-not-at-top
-  if isinstance(config, mlc.ConfigDict):
-    return json.loads(config.to_json_best_effort())
-  return json.loads(json.dumps(config, default=str))
+def config_as_json(config) -> Any:
+  """A ConfigDict (or dict, at any depth) as plain JSON data: what `config.json` and
+  checkpoint metas hold (tuples become lists, other objects their `str`), for
+  comparing configs across runs."""
+  if isinstance(config, (mlc.ConfigDict, mlc.FrozenConfigDict)):
+    config = config.to_dict()
+  if isinstance(config, Mapping):
+    return {str(k): config_as_json(v) for k, v in config.items()}
+  if isinstance(config, (list, tuple)):
+    return [config_as_json(v) for v in config]
+  if hasattr(config, 'item') and getattr(config, 'ndim', None) == 0:
+    config = config.item()   # numpy scalars
+  if config is None or isinstance(config, (bool, int, float, str)):
+    return config
+  return str(config)
 
 
 def _flat(tree, prefix=''):
