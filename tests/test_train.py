@@ -274,3 +274,37 @@ def test_export_npz_equals_the_params(tmp_path):
   assert sorted(z.files) == ['params/a/kernel', 'params/b']
   np.testing.assert_array_equal(z['params/a/kernel'], p['a']['kernel'])
   np.testing.assert_array_equal(z['params/b'], p['b'])
+
+
+@pytest.mark.parametrize('warmup_steps,min_frac,want', [
+    # lr=1, T=10, warmup_frac=0.2 -> T_w=2; cosine over the 8 steps after it:
+    # lr_t = f + (1-f)·½(1 + cos(π (t-2)/8)), hand-evaluated at t = 2, 4, 6, 8, 10
+    (0, 0.1, [0.0, 0.5, 1.0, 0.1 + 0.9 * (2 + 2 ** 0.5) / 4, 0.55,
+              0.1 + 0.9 * (2 - 2 ** 0.5) / 4, 0.1]),
+    # warmup_steps overrides warmup_frac: T_w=4, f=0 -> cosine over 6 steps
+    (4, 0.0, [0.0, 0.25, 0.5, 0.75, 1.0, 0.5, 0.0]),
+])
+def test_lr_schedule_closed_form(warmup_steps, min_frac, want):
+  """Linear warmup then cosine to lr·min_lr_frac, against hand-computed values."""
+  c = cu.default_train_config()
+  c.lr, c.warmup_frac, c.warmup_steps, c.min_lr_frac = 1.0, 0.2, warmup_steps, min_frac
+  sched = train.lr_schedule(c, 10)
+  ts = [0, 1, 2, 4, 6, 8, 10] if warmup_steps == 0 else [0, 1, 2, 3, 4, 7, 10]
+  np.testing.assert_allclose([float(sched(t)) for t in ts], want, rtol=0, atol=1e-7)
+
+
+def test_total_epochs_gives_ceil_epochs_times_examples_over_batch(data_dir, tmp_path):
+  """total_epochs (what every paper config sets): T = ceil(E · N / B), here through
+  the trainer's start-up on the demo data (nothing is written)."""
+  from s2d_jax.data import input_pipeline
+  c = _config(data_dir, total_steps=0, total_epochs=2.3)
+  n = input_pipeline.num_examples(c.input.data['name'], c.input.data['split'],
+                                  data_dir=data_dir)
+  b = int(c.input.batch_size)
+  assert (n * 23) % (10 * b) != 0        # a partial last step: ceil matters
+  want = -(-n * 23 // (10 * b))
+  assert train._startup(c, str(tmp_path / 'w')).total == want
+  assert train.total_steps_of(c, 100) == -(-230 // b)
+  c.total_steps = 7
+  assert train.total_steps_of(c, 100) == 7
+  assert not os.path.exists(tmp_path / 'w')
