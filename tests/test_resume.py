@@ -89,13 +89,14 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
   assert capsys.readouterr().err == f'error: {msg}\n'
 
 
-def test_resume_refuses_another_optimizer_before_touching_the_workdir(data_dir,
-                                                                      tmp_path):
-  """Same params, other optimizer state (S2D on, gradient clipping on): refused
-  with the config difference, the workdir untouched (on main: an orbax error
-  deep inside the restore, after config.json was overwritten)."""
+def test_resume_refuses_another_optimizer_or_a_damaged_step_before_writing(
+    data_dir, tmp_path):
+  """Same params, other optimizer state (S2D on, gradient clipping on): refused with
+  the config difference; a damaged latest step: one line naming the step to fall
+  back to; the workdir untouched in both cases (on main: an orbax error deep inside
+  the restore, after config.json was overwritten)."""
   wd = str(tmp_path / 'w')
-  train.train(_config(data_dir, total_steps=2), wd, echo=False)
+  train.train(_config(data_dir, total_steps=2, ckpt_every=1), wd, echo=False)
   before = _snapshot(wd)
   for kw, change in (
       ({'s2d.enabled': True}, 's2d is on now, off in checkpoint 2'),
@@ -105,6 +106,13 @@ def test_resume_refuses_another_optimizer_before_touching_the_workdir(data_dir,
                        r'.*the config differs: .*' + change):
       train.train(_config(data_dir, **kw), wd, echo=False)
     assert _snapshot(wd) == before
+  open(os.path.join(wd, 'checkpoints', '2', 'meta', 'metadata'), 'w').write('garbage')
+  before = _snapshot(wd)
+  with pytest.raises(checkpointing.DamagedCheckpointError,
+                     match=r'^checkpoint step 2 in .*checkpoints is damaged .*; to fall '
+                     r'back to the previous checkpoint \(step 1\), delete .*/2$'):
+    train.train(_config(data_dir), wd, echo=False)
+  assert _snapshot(wd) == before
 
 
 def test_resume_prints_step_and_changes_writes_config_after_restore_no_repeats(
@@ -135,21 +143,11 @@ def test_resume_prints_step_and_changes_writes_config_after_restore_no_repeats(
   assert checkpointing.Checkpointer(wd, create=False).read_meta()['config']['lr'] == 0.5
 
 
-def test_damaged_latest_checkpoint_and_evaluation_inputs_fail_before_writing(
-    data_dir, tmp_path):
-  wd = str(tmp_path / 'w')
-  train.train(_config(data_dir), wd, echo=False)
-  open(os.path.join(wd, 'checkpoints', '4', 'meta', 'metadata'), 'w').write('garbage')
-  before = _snapshot(wd)
-  with pytest.raises(checkpointing.DamagedCheckpointError,
-                     match=r'^checkpoint step 4 in .*checkpoints is damaged .*; to fall '
-                     r'back to the previous checkpoint \(step 2\), delete .*/4$'):
-    train.train(_config(data_dir, total_steps=6), wd, echo=False)
-  assert _snapshot(wd) == before
-  # the evaluation's inputs are checked before step 0 (on main: after training)
+def test_evaluation_inputs_are_checked_before_the_first_step(data_dir, tmp_path):
+  """On main a missing evaluation split was found after training."""
   c = _config(data_dir, **{'evaluate.enabled': True,
                            'evaluate.data.split': 'test[:5000]'})
-  wd2 = str(tmp_path / 'w2')
+  wd = str(tmp_path / 'w')
   with pytest.raises(ValueError, match=r'config.evaluate.data: .*test\[:5000\]'):
-    train.train(c, wd2, echo=False)
-  assert not os.path.exists(wd2)
+    train.train(c, wd, echo=False)
+  assert not os.path.exists(wd)
