@@ -131,11 +131,18 @@ def test_load_infers_config_and_reproduces_outputs(tmp_path, arch, layout, prefi
   # Same outputs as the original model, in the file's layout.
   ref = _np_ref(arch, params, img, tok)
   got = _apply(m2, p2, img, tok)
-  tol = 3e-2 if bf16 else 2e-4  # bf16 weights keep parts of the model in bf16
-  np.testing.assert_allclose(got[0], ref[0], rtol=tol, atol=tol / 10)
-  np.testing.assert_allclose(got[1], ref[1], rtol=tol, atol=tol / 10)
+  if bf16:
+    # bf16 weights keep parts of the model in bf16. Outputs are unit-norm, so one
+    # bf16 unit roundoff (2**-8) of the output scale bounds the error (measured:
+    # at most 0.05 of it, the reference using the same rounded weights); t = exp(t')
+    # comes back in bf16: its rounding (<= 2**-8 relative) plus exp's own error.
+    tol, ttol = dict(rtol=0, atol=2 ** -8), dict(rtol=2 * 2 ** -8)
+  else:
+    tol, ttol = dict(rtol=2e-4, atol=2e-5), dict(rtol=2e-4)
+  np.testing.assert_allclose(got[0], ref[0], **tol)
+  np.testing.assert_allclose(got[1], ref[1], **tol)
   np.testing.assert_allclose(np.asarray(got[2]["t"], np.float32),
-                             np.exp(np.asarray(params["t"], np.float32)), rtol=tol)
+                             np.exp(np.asarray(params["t"], np.float32)), **ttol)
 
   # save -> same names (params/ prefix), bitwise-identical arrays; load again.
   out_path = str(tmp_path / "saved.npz")
