@@ -308,3 +308,33 @@ def test_total_epochs_gives_ceil_epochs_times_examples_over_batch(data_dir, tmp_
   c.total_steps = 7
   assert train.total_steps_of(c, 100) == 7
   assert not os.path.exists(tmp_path / 'w')
+
+
+def test_task_losses_against_numpy_references():
+  """config.loss='sigmoid_xent' and the SigLIP loss, as the trainer calls them
+  (tasks.get(config).loss), against float64 numpy with log σ(z) = −log(1 + e^{−z})
+  (np.logaddexp: exact also for |z| = 40, where σ rounds to 0 or 1)."""
+  rs = np.random.RandomState(0)
+  logits = rs.randn(4, 5).astype(np.float32) * 3
+  logits[0, 1], logits[2, 3] = 40.0, -40.0
+  labels = np.array([1, 0, 3, 4])
+  c = cu.default_train_config()
+  c.model_name, c.num_classes, c.loss = 'vit', 5, 'sigmoid_xent'
+  loss, aux = tasks.get(c).loss(c, (logits,), {'label': labels})
+  z = logits.astype(np.float64)
+  y = np.eye(5)[labels]
+  want = np.mean(np.sum(y * np.logaddexp(0, -z) + (1 - y) * np.logaddexp(0, z), -1))
+  np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+  assert float(aux['acc']) == np.float32(np.mean(z.argmax(-1) == labels))
+  # SigLIP: −(1/B) Σ_ij log σ(s_ij (t·zi·zj + b)), s = +1 on the diagonal, −1 off it
+  zi = rs.randn(3, 4).astype(np.float32)
+  zt = rs.randn(3, 4).astype(np.float32)
+  c2 = cu.load_config('demo_pretrain:size=tiny')
+  t, b = np.float32(10.0), np.float32(-10.0)
+  loss, aux = tasks.get(c2).loss(c2, (zi, zt, {'t': t, 'b': b}), {})
+  s = 2 * np.eye(3) - 1
+  lg = 10.0 * zi.astype(np.float64) @ zt.T.astype(np.float64) - 10.0
+  np.testing.assert_allclose(float(loss), np.sum(np.logaddexp(0, -s * lg)) / 3,
+                             rtol=1e-5)
+  assert float(aux['acc']) == np.float32(np.mean((zi @ zt.T).argmax(-1) ==
+                                                 np.arange(3)))
