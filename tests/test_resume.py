@@ -151,3 +151,33 @@ def test_evaluation_inputs_are_checked_before_the_first_step(data_dir, tmp_path)
   with pytest.raises(ValueError, match=r'config.evaluate.data: .*test\[:5000\]'):
     train.train(c, wd, echo=False)
   assert not os.path.exists(wd)
+
+
+def test_model_init_with_nan_is_refused_before_writing(data_dir, tmp_path):
+  """A model_init npz holding NaN: refused naming the key before anything is
+  written (on main the trainer had no allow_nonfinite to pass through, and
+  model_load.allow_nonfinite did not exist)."""
+  import warnings
+  from s2d_jax import tasks
+  from s2d_jax.models import checkpoint as ckpt_lib
+  from s2d_jax.models import siglip
+  c = _config(data_dir, total_steps=1)
+  model = tasks.get(c).build(c)
+  p = jax.tree.map(np.array, jax.device_get(model.init(
+      jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))['params']))
+  p['Transformer']['encoder_norm']['scale'][0] = np.nan
+  npz = str(tmp_path / 'init.npz')
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', ckpt_lib.NonFiniteWarning)
+    siglip.save(npz, {k: v for k, v in p.items() if k != 'head'})
+  c.model_init = npz
+  wd = str(tmp_path / 'w')
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match=r'encoder_norm/scale \(1 NaN, 0 Inf.*allow_nonfinite'):
+    train.train(c, wd, echo=False)
+  assert not os.path.exists(wd)
+  c.model_load.allow_nonfinite = True
+  with pytest.warns(ckpt_lib.NonFiniteWarning, match='encoder_norm/scale'):
+    s = train._startup(c, wd)
+  assert np.isnan(s.loaded['Transformer']['encoder_norm']['scale'][0])
+  assert not os.path.exists(wd)
