@@ -189,12 +189,10 @@ def s2d_log(opt_state) -> dict:
 
   The one place that reads the S2D state for logging (through `optim`'s accessors).
   """
-  st = optim.find_s2d_state(opt_state)
   out = {}
-  active = getattr(st, 'active', None)
+  active = optim.active_counts(opt_state)   # {kernel: (*layers,) int32}
   if active:
-    out['s2d_active'] = sum(jnp.sum(a.astype(jnp.int32))
-                            for a in jax.tree.leaves(active))
+    out['s2d_active'] = sum(jnp.sum(a.astype(jnp.int32)) for a in active.values())
   sig = optim.sigma_estimates(opt_state)
   if sig:
     out['s2d_sigma_max'] = jnp.max(jnp.stack([jnp.max(v) for v in sig.values()]))

@@ -343,3 +343,24 @@ def test_task_losses_against_numpy_references():
                              rtol=1e-5)
   assert float(aux['acc']) == np.float32(np.mean((zi @ zt.T).argmax(-1) ==
                                                  np.arange(3)))
+
+
+def test_s2d_log_counts_every_kernel_and_layer():
+  """s2d_log's total equals the sum of the counts set per kernel (scan stacks count
+  each layer), and its σ_max equals the largest tracked σ."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from s2d_jax import optim  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  params = {'a': {'kernel': rng.normal(size=(6, 4)).astype(np.float32)},
+            'b': {'kernel': rng.normal(size=(6, 4)).astype(np.float32)},
+            'encoderblock': {'c': {'kernel': rng.normal(size=(3, 5, 7)).astype(np.float32)}}}
+  tx = optax.chain(optim.s2d(k=3, k_max=3), optax.adam(1e-3))
+  state = optim.set_active(tx.init(params), {'a/kernel': 1, 'b/kernel': 3,
+                                             'encoderblock/c/kernel': np.array([0, 2, 3])})
+  log = jax.jit(train.s2d_log)(state)
+  assert int(log['s2d_active']) == 1 + 3 + (0 + 2 + 3)
+  sig = max(float(np.linalg.svd(params['a']['kernel'], compute_uv=False)[0]),
+            float(np.linalg.svd(params['b']['kernel'], compute_uv=False)[0]),
+            *[float(np.linalg.svd(m, compute_uv=False)[0])
+              for m in params['encoderblock']['c']['kernel']])
+  np.testing.assert_allclose(float(log['s2d_sigma_max']), sig, rtol=1e-4)
