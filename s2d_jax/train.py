@@ -211,8 +211,9 @@ def _make_pcdr_refresh(config, model, mesh, opt_sh):
   of each kernel is its own small jitted program (pcdr.select_active called outside
   jit, on each process's local copy of the replicated params and inputs) and
   set_active replaces values only, so nothing
-  recompiles after the first refresh. (A single fused capture+PCDR program was seen
-  to deadlock XLA:CPU.)
+  recompiles after the first refresh. (A single fused capture+PCDR program
+  deadlocks XLA:CPU's multi-device collectives: still so with jax 0.10.2, an
+  all-gather rendezvous timeout; reproduction: benchmarks/xla_cpu_hangs.py.)
   """
   nb = int(config.s2d.pcdr_batch)
   exclude = tuple(config.s2d.exclude)
@@ -512,8 +513,9 @@ def train(config: mlc.ConfigDict, workdir: str, *,
     apply_fn = quant_model.quantized_apply(s.model.apply, setting, calibration=calib,
                                            ste=True)
 
-  # Buffer donation saves a copy of params + optimizer state on TPU/GPU; on CPU
-  # (tests, the demo) a donated multi-device S2D step was seen to hang in XLA:CPU.
+  # Buffer donation saves a copy of params + optimizer state on TPU/GPU; on CPU a
+  # donated S2D step hangs XLA:CPU (still with jax 0.10.2, on 1, 2 and 8 devices:
+  # benchmarks/xla_cpu_hangs.py reproduces it), so CPU runs do not donate.
   donate = (0, 1) if jax.default_backend() != 'cpu' else ()
   step_fn = jax.jit(
       functools.partial(train_step, apply_fn=apply_fn,
