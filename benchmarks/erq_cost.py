@@ -1,6 +1,6 @@
 """Cost of ERQ calibration: time per stage and per layer kind, memory of the statistics.
 
-    python benchmarks/erq_cost.py [--variant Ti/16] [--res 224] [--calib 32]
+    python -m benchmarks.erq_cost [--variant Ti/16] [--res 224] [--calib 32]
         [--bits W4A4] [--scan] [--pool map]
 
 On a big_vision ViT (random weights: the numbers are costs, not accuracies), with
@@ -39,14 +39,8 @@ from s2d_jax import ptq
 from s2d_jax.models import vit
 from s2d_jax.ptq import error_reduction as er
 
+from benchmarks.ptq_cost import _median_time  # one timing helper for both
 
-def _median_time(f, *args, reps=3):
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
 
 
 def layer_kind(path: str) -> str:

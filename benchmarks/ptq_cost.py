@@ -1,6 +1,6 @@
 """Cost of the paper's PTQ protocols: calibration and evaluation, per method, one run.
 
-    python benchmarks/ptq_cost.py [--variant Ti/16] [--res 224] [--calib 32]
+    python -m benchmarks.ptq_cost [--variant Ti/16] [--res 224] [--calib 32]
         [--batches 4,32] [--reps 5] [--methods RepQ-ViT,PTQ4ViT,ERQ] [--bits W4A4]
 
 For every method in ``s2d_jax.ptq.METHODS`` that imports and calibrates (or those

@@ -285,7 +285,10 @@ def main(argv=None):
   ap.add_argument("--hlo_depths", default="4,12,24")
   ap.add_argument("--pcdr_batch", type=int, default=8)
   ap.add_argument("--pcdr_rounds", type=int, default=5)
-  ap.add_argument("--no_donate", action="store_true", help="do not donate params/state")
+  ap.add_argument("--donate", default="auto", choices=("auto", "yes", "no"),
+                  help="donate params/state to the step (auto: not on CPU, where a "
+                       "donated S2D step can deadlock XLA:CPU, see "
+                       "benchmarks/xla_cpu_hangs.py; as s2d_jax/train.py does)")
   args = ap.parse_args(argv)
   if args.device:
     jax.config.update("jax_platforms", args.device)
@@ -296,7 +299,7 @@ def main(argv=None):
   args.hlo_depths = [int(d) for d in args.hlo_depths.split(",")]
   backend = jax.default_backend()
   args.absolute = backend != "cpu"
-  args.donate = not args.no_donate
+  args.donate = (backend != "cpu") if args.donate == "auto" else args.donate == "yes"
   sections = args.sections.split(",")
   print(f"jax {jax.__version__} on {backend} ({jax.device_count()} devices: "
         f"{jax.devices()[0].device_kind}); S2D strategy auto = "

@@ -143,7 +143,10 @@ def run_case(case, devices, fsdp, args) -> tuple[str, float, str]:
     return "HANG", time.perf_counter() - t0, f"no result after {args.timeout:.0f}s; last: {last}"
   dt = time.perf_counter() - t0
   if out.returncode != 0:
-    err = [l for l in out.stderr.strip().splitlines() if l.strip()]
+    # the fatal line (e.g. XLA:CPU's "Termination timeout for `all gather
+    # RendezvousKey...`"), not the stack-trace frames after it
+    err = [l[:300] for l in out.stderr.strip().splitlines()
+           if l.strip() and not l.lstrip().startswith("@") and "stack trace" not in l]
     last = (out.stdout.strip().splitlines() or ["(nothing printed)"])[-1]
     return "ERROR", dt, (f"exit {out.returncode}; last progress: {last}; stderr: "
                          + " | ".join(err[-3:]))

@@ -3,8 +3,10 @@ r"""SigLIP2 B/16 384 -> ImageNet-1k, 10 epochs: the S2D paper's main setup.
 Fine-tunes the image tower of big_vision's SigLIP2 B/16 at 384 px (MAP head kept,
 classifier head re-initialised to zero) on ImageNet-1k for 10 epochs, with AdamW
 (baseline) or AdamW + S2D (λ = 5e-4, n = 2, K_max = 3, τ = 0.95, PCDR refresh every
-m = 100 steps: the paper's defaults), then runs the PTQ evaluation (float, W8A8, W6A6,
-W4A4) on the validation set.
+m = 100 steps: the paper's defaults), then runs the paper's PTQ protocols on the validation set: RepQ-ViT W4A4 /
+W5A5 / W6A6, PTQ4ViT W5A5 / W6A6, ERQ W4A4 (each calibrated on the first
+`evaluate.calib_images` = 32 training images), next to float and the uniform
+dynamic W8A8 / W6A6 / W4A4.
 
   python -m s2d_jax.train --config configs/siglip2_b16_384_i1k.py:s2d=True \
       --workdir gs://BUCKET/s2d/siglip2_b16_384_s2d
@@ -60,4 +62,8 @@ def get_config(arg=None):
   c.evaluate.pp = (f'decode|resize_small({arg.res * 8 // 7})|central_crop({arg.res})'
                    '|value_range(-1,1)|keep("image","label")')
   c.evaluate.batch_size = 256
+  c.evaluate.settings = ('float', 'W8A8', 'W6A6', 'W4A4',
+                         'RepQ-ViT/W4A4', 'RepQ-ViT/W5A5', 'RepQ-ViT/W6A6',
+                         'PTQ4ViT/W5A5', 'PTQ4ViT/W6A6', 'ERQ/W4A4')
+  c.evaluate.calib_images = 32
   return c

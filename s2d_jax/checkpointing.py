@@ -13,10 +13,20 @@ after a crash, training resumes from the last *complete* checkpoint. Saving is
 synchronous (`enable_async_checkpointing=False`): when `save` returns, the step is on
 disk. The `max_to_keep` newest steps are kept.
 
-The *model fingerprint* is `{'/'.join(path): [shape..., dtype]}` of the params; on
-restore it is compared against the model being trained, and a checkpoint written for a
-different model raises a `ValueError` naming the first differing key and both shapes
-before anything is loaded.
+The *fingerprints* are `{'/'.join(path): [shape..., dtype]}` of the params and of the
+optimizer state, stored in the meta of every step; before anything is restored they
+are compared with the model and optimizer being set up, and a checkpoint written for
+another model or optimizer (S2D on/off, another K_max, gradient clipping on/off ...)
+raises `IncompatibleCheckpointError` (a ValueError) naming the first differing key
+and both shapes (plus the caller's `hint`: the trainer says which config keys
+changed).
+
+A *damaged* step (a data file deleted or truncated, garbage in a meta file, a
+half-copied directory) raises `DamagedCheckpointError` with one message naming the
+step and its directory and how to fall back to the previous step (delete the damaged
+step's folder), instead of orbax's / TensorStore's multi-hundred-line error. Both
+errors are `config_utils.RunError`s: the command-line tools print the message as one
+line and exit 1.
 
 `restore_params(path, step=None, mesh=None)` returns only the params from a workdir,
 its `checkpoints` directory, or one step directory: as host numpy arrays, or with
@@ -30,14 +40,24 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from s2d_jax import config_utils
+
 CKPT_SUBDIR = 'checkpoints'
 _ITEMS = ('params', 'opt_state', 'meta')
+
+
+class DamagedCheckpointError(config_utils.RunError):
+  """A checkpoint step whose files cannot be read (deleted, truncated, garbage)."""
+
+
+class IncompatibleCheckpointError(config_utils.RunError, ValueError):
+  """A checkpoint written for another model or optimizer."""
 
 
 def _path_str(path) -> str:
@@ -62,20 +82,43 @@ def fingerprint(params) -> dict[str, list]:
 
 
 def compare_fingerprints(expected: Mapping[str, list], found: Mapping[str, list],
-                         where: str) -> None:
-  """Raises ValueError naming the first key that is missing, extra or reshaped."""
+                         where: str, *, what: str = 'model', hint: str = '') -> None:
+  """Raises IncompatibleCheckpointError (a ValueError) naming the first key that is
+  missing, extra or reshaped; `what` names the tree ('model', 'optimizer'), `hint`
+  is appended to the message after '; '. Dtypes may differ (a cast on restore)."""
   missing = sorted(set(expected) - set(found))
   extra = sorted(set(found) - set(expected))
+  tail = f'; {hint}' if hint else ''
+  noun = 'params' if what == 'model' else f'{what} state entries'
   if missing or extra:
-    raise ValueError(
-        f'{where} was written for another model: params missing from it: '
-        f'{missing[:5]}{" ..." if len(missing) > 5 else ""}; params only in it: '
-        f'{extra[:5]}{" ..." if len(extra) > 5 else ""}')
+    raise IncompatibleCheckpointError(
+        f'{where} was written for another {what}: {noun} missing from it: '
+        f'{missing[:5]}{" ..." if len(missing) > 5 else ""}; {noun} only in it: '
+        f'{extra[:5]}{" ..." if len(extra) > 5 else ""}{tail}')
   for k in sorted(expected):
     if list(expected[k][:-1]) != list(found[k][:-1]):
-      raise ValueError(
-          f'{where} was written for another model: {k!r} has shape '
-          f'{tuple(found[k][:-1])} there but {tuple(expected[k][:-1])} in the model')
+      raise IncompatibleCheckpointError(
+          f'{where} was written for another {what}: {k!r} has shape '
+          f'{tuple(found[k][:-1])} there but {tuple(expected[k][:-1])} in the '
+          f'{what}{tail}')
+
+
+def _reason(e: BaseException, limit: int = 300) -> str:
+  """A short form of a (TensorStore / orbax / json) error: the innermost cause (e.g.
+  TensorStore's 'OUT_OF_RANGE: Error reading "kernel/0.0" in ...'), one line, without
+  TensorStore's JSON specs, at most `limit` characters."""
+  seen = []
+  while e is not None and e not in seen and len(seen) < 20:
+    seen.append(e)
+    e = e.__cause__ or e.__context__
+  inner = seen[-1]
+  text = str(inner)
+  for cut in ('[tensorstore_spec', 'See full TensorStore', '[source locations'):
+    text = text.split(cut)[0]
+  text = ' '.join(text.split())
+  if len(text) > limit:  # the status at the start, the file at the end
+    text = text[:limit - limit // 4] + ' ... ' + text[-(limit // 4):]
+  return f'{type(inner).__name__}: {text}' if text else type(inner).__name__
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -108,9 +151,11 @@ class Checkpointer:
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f'max_to_keep must be >= 1, got {max_to_keep}')
     self.directory = os.path.abspath(checkpoint_dir(workdir))
+    # (read-only: the options orbax would otherwise warn about resetting)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=False, create=create,
-        read_only=not create)
+        max_to_keep=max_to_keep if create else None,
+        save_interval_steps=1 if create else 0,
+        enable_async_checkpointing=False, create=create, read_only=not create)
     self._mngr = ocp.CheckpointManager(
         self.directory, options=options, item_names=_ITEMS,
         item_handlers=_handlers())
@@ -123,7 +168,7 @@ class Checkpointer:
 
   def save(self, step: int, params, opt_state, meta: Mapping[str, Any] | None = None,
            ) -> None:
-    """Writes step `step` (params, opt_state, JSON meta incl. the model fingerprint).
+    """Writes step `step` (params, opt_state, JSON meta incl. both fingerprints).
 
     `meta` must be JSON-serialisable (data position, rng seed, config ...). Returns
     when the checkpoint is complete on disk.
@@ -131,6 +176,7 @@ class Checkpointer:
     meta = dict(meta or {})
     meta['step'] = int(step)
     meta['fingerprint'] = fingerprint(params)
+    meta['opt_fingerprint'] = fingerprint(opt_state)
     json.dumps(meta)  # fail early (before writing) on non-JSON meta
     self._mngr.save(int(step), args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
@@ -138,16 +184,48 @@ class Checkpointer:
         meta=ocp.args.JsonSave(meta)), force=True)
     self._mngr.wait_until_finished()
 
-  def read_meta(self, step: int | None = None) -> dict:
-    step = self._resolve(step)
-    return self._mngr.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(int(step)))
 
-  def check_compatible(self, abstract_params, step: int | None = None) -> dict:
-    """Checks the checkpoint's fingerprint against `abstract_params`; returns meta."""
-    meta = self.read_meta(step)
-    compare_fingerprints(fingerprint(abstract_params), meta.get('fingerprint', {}),
-                         f'checkpoint {self.directory}/{meta["step"]}')
+  def damaged(self, step: int, error: BaseException) -> DamagedCheckpointError:
+    """The one message for an unreadable step: which step, where, how to fall back."""
+    earlier = [s for s in self.all_steps() if s < int(step)]
+    if earlier:
+      fallback = (f'to fall back to the previous checkpoint (step {max(earlier)}), '
+                  f'delete {self.step_dir(step)}')
+    else:
+      fallback = (f'there is no earlier checkpoint: delete {self.step_dir(step)} to '
+                  'start again from step 0 (or use a new workdir)')
+    return DamagedCheckpointError(
+        f'checkpoint step {step} in {self.directory} is damaged and cannot be read '
+        f'({_reason(error)}); {fallback}')
+
+  def read_meta(self, step: int | None = None) -> dict:
+    """The JSON meta of a step (latest by default); DamagedCheckpointError if it
+    cannot be read."""
+    step = self._resolve(step)
+    try:
+      meta = self._mngr.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))['meta']
+      if not isinstance(meta, dict) or int(meta.get('step', -1)) != step:
+        raise ValueError(f'meta does not describe step {step}: {str(meta)[:100]}')
+    except Exception as e:  # pylint: disable=broad-except
+      raise self.damaged(step, e) from None
+    return meta
+
+  def check_compatible(self, abstract_params, step: int | None = None, *,
+                       abstract_opt_state=None, hint: str = '',
+                       meta: Mapping[str, Any] | None = None) -> dict:
+    """Checks a step's fingerprints against `abstract_params` (and, when given,
+    `abstract_opt_state`) before anything is restored; returns its meta.
+
+    `hint` is added to the error message (e.g. which config keys changed); `meta`
+    skips reading it again.
+    """
+    meta = dict(meta) if meta is not None else self.read_meta(step)
+    where = f'checkpoint {self.step_dir(meta["step"])}'
+    check_fingerprints(meta, abstract_params, abstract_opt_state, where=where,
+                       hint=hint)
     return meta
 
   def restore(self, abstract_params, abstract_opt_state, step: int | None = None):
@@ -155,15 +233,19 @@ class Checkpointer:
 
     The abstract trees are pytrees of `jax.ShapeDtypeStruct` with `.sharding` (e.g.
     from `jax.eval_shape` + shardings), or concrete arrays; NamedTuple optimizer state
-    comes back with its original classes.
+    comes back with its original classes. Both fingerprints are checked first
+    (IncompatibleCheckpointError); unreadable files raise DamagedCheckpointError.
     """
     step = self._resolve(step)
-    self.check_compatible(abstract_params, step)
+    self.check_compatible(abstract_params, step, abstract_opt_state=abstract_opt_state)
     to_abs = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)
-    out = self._mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(to_abs(abstract_params)),
-        opt_state=ocp.args.StandardRestore(to_abs(_wrap(abstract_opt_state))),
-        meta=ocp.args.JsonRestore()))
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(to_abs(abstract_params)),
+          opt_state=ocp.args.StandardRestore(to_abs(_wrap(abstract_opt_state))),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self.damaged(step, e) from None
     return out['params'], out['opt_state']['state'], out['meta']
 
   def _resolve(self, step):
@@ -179,6 +261,21 @@ class Checkpointer:
 
   def close(self):
     self._mngr.close()
+
+
+def check_fingerprints(meta: Mapping[str, Any], abstract_params,
+                       abstract_opt_state=None, *, where: str, hint: str = '') -> None:
+  """Compares a step's stored fingerprints with the trees about to be restored.
+
+  The optimizer state is compared when given and the meta has its fingerprint
+  (checkpoints written before it was stored have none). Raises
+  IncompatibleCheckpointError naming the first differing key, plus `hint`.
+  """
+  compare_fingerprints(fingerprint(abstract_params), meta.get('fingerprint', {}),
+                       where, hint=hint)
+  if abstract_opt_state is not None and 'opt_fingerprint' in meta:
+    compare_fingerprints(fingerprint(abstract_opt_state), meta['opt_fingerprint'],
+                         where, what='optimizer', hint=hint)
 
 
 def _find_ckpt_root(path: str) -> tuple[str, int | None]:
@@ -200,13 +297,19 @@ def _find_ckpt_root(path: str) -> tuple[str, int | None]:
       'directory, or a checkpoint step directory')
 
 
-def restore_params(workdir_or_dir: str, step: int | None = None, mesh=None) -> dict:
+def restore_params(workdir_or_dir: str, step: int | None = None, mesh=None, *,
+                   expected=None,
+                   hint: str | Callable[[Mapping[str, Any]], str] = '') -> dict:
   """Returns the params of a training checkpoint (host numpy, or global arrays).
 
   `workdir_or_dir` is a training workdir, its `checkpoints/` directory, or a step
   directory `checkpoints/<step>`; `step=None` takes the latest complete step (or the
   step named by the directory). With `mesh` (a `parallel.make_mesh` mesh), the params
   come back as global arrays sharded over it by `parallel.tree_shardings`.
+  `expected` (the params, or their shapes, of the model they are for) is compared
+  with the stored fingerprint before anything is read (IncompatibleCheckpointError
+  naming the key, plus `hint`, or `hint(meta)` when it is a function); unreadable
+  files raise DamagedCheckpointError.
   """
   root, dir_step = _find_ckpt_root(workdir_or_dir)
   if step is not None and dir_step is not None and int(step) != dir_step:
@@ -216,8 +319,15 @@ def restore_params(workdir_or_dir: str, step: int | None = None, mesh=None) -> d
     step = ckpt._resolve(step if step is not None else dir_step)
     meta = ckpt.read_meta(step)
     fp = meta.get('fingerprint', {})
+    if expected is not None:
+      compare_fingerprints(fingerprint(expected), fp,
+                           f'checkpoint {ckpt.step_dir(step)}',
+                           hint=hint(meta) if callable(hint) else hint)
     mngr = ckpt._mngr
-    md = mngr.item_metadata(step)['params']
+    try:
+      md = mngr.item_metadata(step)['params']
+    except Exception as e:  # pylint: disable=broad-except
+      raise ckpt.damaged(step, e) from None
     tree = md.tree if hasattr(md, 'tree') else md
     if mesh is None:
       dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -230,8 +340,11 @@ def restore_params(workdir_or_dir: str, step: int | None = None, mesh=None) -> d
     abstract = jax.tree.map(
         lambda m, sh: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sh), tree,
         shardings)
-    out = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract)))['params']
+    try:
+      out = mngr.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract)))['params']
+    except Exception as e:  # pylint: disable=broad-except
+      raise ckpt.damaged(step, e) from None
   finally:
     ckpt.close()
   got = fingerprint(out)

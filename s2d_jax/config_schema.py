@@ -9,8 +9,14 @@ naming the full dotted key for
   keys beside it; `config.model` is checked against the model's own fields (the task
   table, `s2d_jax.tasks`), `config.evaluate.tokenizer` is free-form (Tokenizer kwargs);
 * a value out of range or of the wrong kind (`config.lr: must be > 0`);
+* a float that is not finite anywhere in the config (`--config.lr=inf`,
+  `config.s2d.strength = float('nan')`, inside lists and free-form sections too);
 * an evaluation setting that does not parse (`W4A4-statik`, `RepQ-ViT/W4X4`), so a
   typo is found before training, not after it.
+
+Checks that need the data or the file system (the evaluation split exists, enough
+calibration images, the tokenizer file) are `s2d_jax.evaluate.prepare_inputs`; the
+trainer runs them with these before its first step.
 
 Schema (defaults in `default_config`):
 
@@ -22,6 +28,8 @@ Schema (defaults in `default_config`):
     num_classes               classifier head size (vit)
     model_init                big_vision npz to start from ('' = random init)
     model_load.dont_load      regexes of params not loaded (re-initialised), e.g. head
+    model_load.allow_nonfinite  load model_init / evaluate.checkpoint params that hold
+                              NaN / Inf (default False: refused, naming the keys)
     input.data.{name,split}   tfds dataset and split; input.data_dir: tfds data_dir
     input.pp                  big_vision preprocessing string for training
     input.batch_size          *global* batch size (split over processes and devices)
@@ -58,6 +66,7 @@ Schema (defaults in `default_config`):
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import ml_collections as mlc
@@ -77,7 +86,7 @@ def default_config() -> mlc.ConfigDict:
   c.model = mlc.ConfigDict(dict(variant='B/16', pool_type='map', scan=True))
   c.num_classes = 1000
   c.model_init = ''
-  c.model_load = mlc.ConfigDict(dict(dont_load=['head/.*']))
+  c.model_load = mlc.ConfigDict(dict(dont_load=['head/.*'], allow_nonfinite=False))
   c.input = mlc.ConfigDict(dict(
       data=dict(name='imagenet2012', split='train[:99%]'),
       pp='decode|inception_crop(224)|flip_lr|value_range(-1,1)|keep("image","label")',
@@ -159,6 +168,24 @@ def _number(config, key: str) -> float:
   return node
 
 
+def check_finite_values(config, prefix: str = 'config') -> None:
+  """Raises ValueError naming the first non-finite float at any depth.
+
+  Descends into ConfigDicts, dicts, lists and tuples (free-form sections too); the
+  name is the dotted key, with `[i]` for list items (`config.evaluate.x[1]`).
+  """
+  node = _as_dict(config)
+  if node is not None:
+    for key in sorted(node, key=str):
+      check_finite_values(node[key], f'{prefix}.{key}')
+  elif isinstance(config, (list, tuple)):
+    for i, v in enumerate(config):
+      check_finite_values(v, f'{prefix}[{i}]')
+  elif (isinstance(config, numbers.Real) and not isinstance(config, numbers.Integral)
+        and not math.isfinite(config)):
+    raise ValueError(f'{prefix}: must be finite, got {config}')
+
+
 def validate_settings(settings, where: str = 'config.evaluate.settings') -> list:
   """Parses every evaluation setting name early; returns the parsed list.
 
@@ -198,6 +225,10 @@ def validate(config: mlc.ConfigDict, *, training: bool = True) -> None:
   """
   from s2d_jax import tasks  # pylint: disable=g-import-not-at-top
   check_keys(config, default_config())
+  check_finite_values(config)
+  _need(isinstance(config.model_load.get('allow_nonfinite', False), bool),
+        'model_load.allow_nonfinite',
+        f'must be True or False, got {config.model_load.get("allow_nonfinite")!r}')
   name = config.get('model_name')
   _need(name in tasks.TASKS, 'model_name',
         f'{name!r} is not one of {sorted(tasks.TASKS)}')

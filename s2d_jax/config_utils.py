@@ -27,7 +27,7 @@ import ast
 import importlib.util
 import os
 import sys
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from absl import flags
 import ml_collections as mlc
@@ -309,6 +309,66 @@ def _split_kv(item: str) -> tuple[str, str]:
 
 
 
+def config_as_json(config) -> Any:
+  """A ConfigDict (or dict, at any depth) as plain JSON data: what `config.json` and
+  checkpoint metas hold (tuples become lists, other objects their `str`), for
+  comparing configs across runs."""
+  if isinstance(config, (mlc.ConfigDict, mlc.FrozenConfigDict)):
+    config = config.to_dict()
+  if isinstance(config, Mapping):
+    return {str(k): config_as_json(v) for k, v in config.items()}
+  if isinstance(config, (list, tuple)):
+    return [config_as_json(v) for v in config]
+  if hasattr(config, 'item') and getattr(config, 'ndim', None) == 0:
+    config = config.item()   # numpy scalars
+  if config is None or isinstance(config, (bool, int, float, str)):
+    return config
+  return str(config)
+
+
+def _flat(tree, prefix=''):
+  out = {}
+  for k, v in tree.items():
+    name = f'{prefix}{k}'
+    if isinstance(v, dict) and v:
+      out.update(_flat(v, name + '.'))
+    else:
+      out[name] = v
+  return out
+
+
+def _show(v) -> str:
+  return repr(v) if isinstance(v, str) else str(v)
+
+
+def config_changes(now, then, then_name: str) -> list[str]:
+  """What differs between two configs, in config terms, one phrase per key.
+
+  `now`, `then`: ConfigDicts or their JSON data (`config_as_json`); `then_name`
+  says where `then` comes from ('checkpoint 200'). Phrases, sorted by key:
+  `"s2d.k_max is 2 now, 3 in checkpoint 200"`, for switches `X.enabled`:
+  `"s2d is off now, on in checkpoint 200"`, for keys only one side has:
+  `"x is 1 now, not set in checkpoint 200"`.
+  """
+  a, b = _flat(config_as_json(now)), _flat(config_as_json(then))
+  out = []
+  for key in sorted(set(a) | set(b)):
+    if key in a and key in b and a[key] == b[key]:
+      continue
+    if key not in b:
+      out.append(f'{key} is {_show(a[key])} now, not set in {then_name}')
+    elif key not in a:
+      out.append(f'{key} is not set now, {_show(b[key])} in {then_name}')
+    elif key.endswith('.enabled') and isinstance(a[key], bool) and \
+        isinstance(b[key], bool):
+      onoff = lambda x: 'on' if x else 'off'
+      out.append(f'{key[:-len(".enabled")]} is {onoff(a[key])} now, '
+                 f'{onoff(b[key])} in {then_name}')
+    else:
+      out.append(f'{key} is {_show(a[key])} now, {_show(b[key])} in {then_name}')
+  return out
+
+
 def default_train_config() -> mlc.ConfigDict:
   """The trainer's config schema with defaults (see `s2d_jax.config_schema`)."""
   from s2d_jax import config_schema  # pylint: disable=g-import-not-at-top
@@ -324,6 +384,15 @@ HELP_FLAGS = ('--help', '-h', '--helpshort', '--helpfull', '-?')
 
 class UsageError(ValueError):
   """A bad command line; the message names the flag or config key at fault."""
+
+
+class RunError(RuntimeError):
+  """A run that cannot go on, with a complete message for the user.
+
+  Raised for failures that are not bugs: a non-finite loss, a damaged or
+  incompatible checkpoint. The message says what happened, where (step,
+  directory) and what to do; `run_cli` prints it as one line and exits 1.
+  """
 
 
 def define_flags(fv: flags.FlagValues, *, workdir_help: str,
@@ -426,9 +495,13 @@ def maybe_initialize_distributed(fv: flags.FlagValues) -> None:
 
 
 def run_cli(main_fn, argv: Sequence[str] | None = None):
-  """Runs `main_fn(argv)` as a program: a UsageError is one line on stderr, exit 2."""
+  """Runs `main_fn(argv)` as a program: a UsageError is one line on stderr, exit 2;
+  a RunError (non-finite loss, damaged checkpoint, ...) likewise, exit 1."""
   try:
     return main_fn(sys.argv[1:] if argv is None else argv)
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     raise SystemExit(2) from None
+  except RunError as e:
+    print(f'error: {e}', file=sys.stderr)
+    raise SystemExit(1) from None

@@ -14,12 +14,17 @@ Every step is one `jit` over the global ('data', 'fsdp') mesh of `s2d_jax.parall
 never gathered on a host), each global batch (B, ...) is split over all devices of
 all processes, and
 
-    correct = Σ_b mask_b · [argmax_c output_fn(out)_bc = label_b],
-    count   = Σ_b mask_b
+    finite_b  = [every logit output_fn(out)_bc is finite]
+    correct   = Σ_b mask_b · finite_b · [argmax_c output_fn(out)_bc = label_b],
+    count     = Σ_b mask_b,
+    nonfinite = Σ_b mask_b · (1 − finite_b)
 
 are reduced inside the program, so padded examples (mask = 0: the padding of the
 last partial batch, added by the data pipeline or here) count neither as right nor as
-seen. The float step also records the per-layer activation statistics of
+seen. An example whose logits hold a NaN / Inf is never right (argmax of NaN logits
+would pick class 0 and give a plausible-looking accuracy): it is counted as wrong
+and reported in `counts[setting]['nonfinite']` and in the table, so an all-NaN model
+scores 0 % with every example flagged. The float step also records the per-layer activation statistics of
 `s2d_jax.outliers` over the global batch (reduced by XLA inside the program) and
 merges them across batches exactly on the host. Global batch i holds the same
 examples whatever the number of processes (`input_pipeline.get_eval_dataset` gives
@@ -31,10 +36,19 @@ Settings:
 * uniform `s2d_jax.quant` settings (`W8A8`, `W4A4-static`, ...): static ones are
   calibrated on the first `calib_batches` global batches (padded rows replaced by
   real rows of the same batch; minmax ranges combine by min/max, percentile/MSE by
-  the mean over batches);
+  the mean over batches); their weights are quantized once per setting
+  (`quant_model.prequantize`, one extra copy of the params per uniform setting
+  while evaluating), so each pass quantizes activations only;
 * PTQ methods `METHOD/WxAy` (`s2d_jax.ptq.quantize`): calibrated once per setting on
   `calib_images` (the same images on every process), then `qapply(qvariables, x)`
   is evaluated like the other settings.
+
+Before any work `evaluate` checks the config (`config_schema.validate`), the inputs
+(`prepare_inputs`: the evaluation split and preprocessing, the calibration images,
+the zero-shot tokenizer and class names) and that the workdir is writable; the
+model's params are checked against the configured model (shapes) and for NaN / Inf
+(refused unless `config.model_load.allow_nonfinite`). Process 0 prints the table,
+then writes report.json atomically (temporary file + rename).
 
 Accuracy is classification top-1 for classifiers, zero-shot top-1 for SigLIP
 two-tower models (`evaluate.kind='zeroshot'`: only the image tower is quantized; class
@@ -48,6 +62,7 @@ import functools
 import hashlib
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -142,9 +157,14 @@ class _Steps:
     self.quant, self.calib = {}, {}
 
   def _count(self, out, labels, mask):
-    pred = jnp.argmax(self.output_fn(out), axis=-1)
+    """(correct, count, nonfinite) of one global batch (module docstring)."""
+    logits = self.output_fn(out)
+    finite = jnp.all(jnp.isfinite(logits), axis=-1)
+    pred = jnp.argmax(logits, axis=-1)
     m = mask.astype(jnp.int32)
-    return jnp.sum((pred == labels).astype(jnp.int32) * m), jnp.sum(m)
+    right = ((pred == labels) & finite).astype(jnp.int32)
+    return (jnp.sum(right * m), jnp.sum(m),
+            jnp.sum((~finite).astype(jnp.int32) * m))
 
   def _float(self, variables, images, labels, mask):
     if self.collect_stats:
@@ -154,8 +174,11 @@ class _Steps:
     return self._count(out, labels, mask), st
 
   def add_uniform(self, s):
+    # `variables` are the setting's prequantized ones (weights on their grid once,
+    # not re-quantized in every pass): only activations are quantized here.
     def step(variables, calib, images, labels, mask):
-      f = quant_model.quantized_apply(self.apply_fn, s, calibration=calib)
+      f = quant_model.quantized_apply(self.apply_fn, s, calibration=calib,
+                                      prequantized=True)
       return self._count(f(variables, images), labels, mask)
     self.quant[s.name] = jax.jit(step, out_shardings=self.repl)
     if s.needs_calibration:
@@ -205,8 +228,9 @@ def evaluate_model(apply_fn: Callable, variables: Mapping[str, Any],
     progress: print progress to stderr (process 0).
 
   Returns:
-    The report dict (`accuracy`, `counts`, `settings`, `layers`, `weights`,
-    `quant_plan`, `pcdr`, `devices`, `batches`, `batch_size`, `timing_s`).
+    The report dict (`accuracy`, `counts` (correct, total, nonfinite), `settings`,
+    `layers`, `weights`, `quant_plan`, `pcdr`, `devices`, `batches`, `batch_size`,
+    `timing_s`).
   """
   parsed = parse_settings(settings)
   if mesh is None:
@@ -257,10 +281,12 @@ def evaluate_model(apply_fn: Callable, variables: Mapping[str, Any],
     buffered.append(b)
   buffered = [(b, to_global(b)) for b in buffered]
 
-  calibrations, ptq_info = {}, {}
+  calibrations, ptq_info, qweights = {}, {}, {}
+  example = np.asarray(first[image_key])[:1]
   for s in parsed:
     if isinstance(s, quant.QuantSetting):
       steps.add_uniform(s)
+      qweights[s.name] = quant_model.prequantize(apply_fn, s, variables, example)
     if isinstance(s, quant.QuantSetting) and s.needs_calibration:
       t0 = time.perf_counter()
       parts = []
@@ -296,6 +322,7 @@ def evaluate_model(apply_fn: Callable, variables: Mapping[str, Any],
 
   correct = {n: 0 for n in names}
   counted = {n: 0 for n in names}
+  nonfinite = {n: 0 for n in names}
   stats, first_count = None, None
   start = last = time.perf_counter()
   done = 0
@@ -306,18 +333,19 @@ def evaluate_model(apply_fn: Callable, variables: Mapping[str, Any],
     for s, n in zip(parsed, names):
       t0 = time.perf_counter()
       if s is None:
-        (c, t), st = jax.device_get(steps.float(variables, g["image"], g["label"],
-                                                g["mask"]))
+        (c, t, nf), st = jax.device_get(steps.float(variables, g["image"],
+                                                    g["label"], g["mask"]))
         if collect_stats:
           stats = outliers.merge_stats(stats, st)
       elif isinstance(s, ptq.PTQSetting):
-        c, t = jax.device_get(steps.quant[n](calibrations[n], None, g["image"],
-                                             g["label"], g["mask"]))
+        c, t, nf = jax.device_get(steps.quant[n](calibrations[n], None, g["image"],
+                                                 g["label"], g["mask"]))
       else:
-        c, t = jax.device_get(steps.quant[n](variables, calibrations.get(n),
-                                             g["image"], g["label"], g["mask"]))
+        c, t, nf = jax.device_get(steps.quant[n](qweights[n], calibrations.get(n),
+                                                 g["image"], g["label"], g["mask"]))
       correct[n] += int(c)
       counted[n] += int(t)
+      nonfinite[n] += int(nf)
       timing[n] += time.perf_counter() - t0
     if first_count is None:
       first_count = counted[names[0]]
@@ -329,7 +357,9 @@ def evaluate_model(apply_fn: Callable, variables: Mapping[str, Any],
       eta = f", ETA {(total - done) / rate:.0f}s" if total else ""
       _log(f"evaluate: batch {done}{'/' + str(total) if total else ''} "
            f"({counted[names[0]]} examples, {rate:.2f} batches/s{eta}) "
-           + " ".join(f"{n}={correct[n] / max(counted[n], 1):.4f}" for n in names))
+           + " ".join(f"{n}={correct[n] / max(counted[n], 1):.4f}"
+                      + (f" ({nonfinite[n]} non-finite)" if nonfinite[n] else "")
+                      for n in names))
 
   settings_rec = {}
   for s, n in zip(parsed, names):
@@ -342,7 +372,8 @@ def evaluate_model(apply_fn: Callable, variables: Mapping[str, Any],
   rep: dict[str, Any] = dict(
       accuracy={n: correct[n] / counted[n] if counted[n] else float("nan")
                 for n in names},
-      counts={n: dict(correct=correct[n], total=counted[n]) for n in names},
+      counts={n: dict(correct=correct[n], total=counted[n], nonfinite=nonfinite[n])
+              for n in names},
       settings=settings_rec,
       devices=dict(count=int(ndev), processes=jax.process_count(),
                    platform=jax.devices()[0].platform, mesh=dict(mesh.shape)),
@@ -413,19 +444,53 @@ def _abstract_params(config, task, model, image_shape):
                         *args)["params"]
 
 
+def _model_changes(config, meta) -> str:
+  """The model keys of `config` that differ from the training config stored in a
+  checkpoint's meta, as a hint for a shape mismatch ('' when unknown)."""
+  then = meta.get("config")
+  if not isinstance(then, dict):
+    return ""
+  keys = ("model_name", "model", "num_classes")
+  changes = config_utils.config_changes(
+      {k: config.get(k) for k in keys}, {k: then.get(k) for k in keys},
+      f"checkpoint {meta.get('step')}'s training config")
+  return ("the config differs: " + "; ".join(changes)) if changes else ""
+
+
+def nonfinite_params(params) -> dict[str, tuple[int, int, int]]:
+  """`{'a/b/kernel': (#NaN, #Inf, size)}` of the float leaves holding NaN / Inf.
+
+  One jitted reduction per leaf over global arrays (sharded params are never
+  gathered on a host); only the counts come back.
+  """
+  floats = {checkpointing._path_str(p): x  # pylint: disable=protected-access
+            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+            if jnp.issubdtype(x.dtype, jnp.floating)}
+  counts = jax.device_get(jax.jit(lambda t: {
+      k: (jnp.sum(jnp.isnan(x)), jnp.sum(jnp.isinf(x))) for k, x in t.items()})(
+          floats))
+  return {k: (int(n), int(i), int(np.size(floats[k])))
+          for k, (n, i) in counts.items() if n or i}
+
+
 def load_model(config, workdir: str | None, mesh, image_shape, params=None):
   """`(model, params, checkpoint_info)`; the one place the evaluator restores params.
 
   `params` (e.g. the trainer's, in memory) are used as they are; otherwise
   `config.evaluate.checkpoint` (or `workdir`) is a big_vision npz (the model
   module's `load`, checked against the configured model) or an orbax training
-  checkpoint (restored onto the mesh, each process reading its own shards).
+  checkpoint (its stored fingerprint compared with the configured model before
+  anything is read, then restored onto the mesh, each process reading its own
+  shards). Loaded params holding NaN / Inf raise a CheckpointError naming them
+  unless `config.model_load.allow_nonfinite`.
   """
+  from s2d_jax.models import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   task = tasks.get(config)
   model = task.build(config)
   if params is not None:
     return model, params, dict(kind="in-memory", path=None)
   ev = config.evaluate
+  allow = bool(config.model_load.get("allow_nonfinite", False))
   path = ev.get("checkpoint") or workdir
   if not path:
     raise FileNotFoundError("no checkpoint: set config.evaluate.checkpoint or "
@@ -435,13 +500,23 @@ def load_model(config, workdir: str | None, mesh, image_shape, params=None):
     raise FileNotFoundError(f"checkpoint not found: {path!r} (from {where})")
   abstract = _abstract_params(config, task, model, image_shape)
   if path.endswith(".npz"):
-    host = task.module().load(abstract, path, config.model, ())
+    host = task.module().load(abstract, path, config.model, (),
+                              allow_nonfinite=allow)
     params = parallel.put(host, parallel.tree_shardings(abstract, mesh))
     return model, params, dict(kind="npz", path=path)
-  params = checkpointing.restore_params(path, mesh=mesh)
-  checkpointing.compare_fingerprints(checkpointing.fingerprint(abstract),
-                                     checkpointing.fingerprint(params),
-                                     f"checkpoint {path}")
+  params = checkpointing.restore_params(
+      path, mesh=mesh, expected=abstract,
+      hint=lambda meta: _model_changes(config, meta))
+  bad = nonfinite_params(params)
+  if bad:
+    msg = (f"checkpoint {path}: {len(bad)} parameter(s) hold non-finite values: "
+           f"{ckpt_lib.describe_nonfinite(bad)}")
+    if not allow:
+      raise ckpt_lib.CheckpointError(
+          msg + ". Evaluating them gives NaN logits; set "
+          "config.model_load.allow_nonfinite=True to evaluate them anyway.")
+    import warnings  # pylint: disable=g-import-not-at-top
+    warnings.warn(msg, ckpt_lib.NonFiniteWarning, stacklevel=2)
   return model, params, dict(kind="orbax", path=path)
 
 
@@ -483,6 +558,96 @@ def _data_dir(config):
   return config.evaluate.get("data_dir") or config.get("input", {}).get("data_dir")
 
 
+def prepare_inputs(config, num_devices: int | None = None):
+  """Every input check of the evaluation, before any work: `(ds, num_batches)`.
+
+  Checks, each error naming the config key: the global `evaluate.batch_size`
+  divides among `num_devices` (default all) and the processes; the evaluation
+  dataset and split exist (`evaluate.data`); the preprocessing builds and yields
+  'image' and 'label' (`evaluate.pp`); PTQ settings: the calibration split
+  (`input.data`) holds at least `evaluate.calib_images` examples; zero-shot: the
+  tokenizer loads (`evaluate.tokenizer`) and class names are known
+  (`evaluate.classnames` or the dataset's 'label' names). Returns this process's
+  evaluation data (nothing is read yet). The trainer calls it before its first step.
+  """
+  from s2d_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  ev = config.evaluate
+  ndev = jax.device_count() if num_devices is None else int(num_devices)
+  pcount = jax.process_count()
+  if int(ev.batch_size) % ndev or int(ev.batch_size) % pcount:
+    raise ValueError(f"config.evaluate.batch_size={ev.batch_size} does not divide "
+                     f"among {ndev} devices")
+  data_dir = _data_dir(config)
+  try:
+    input_pipeline.num_examples(ev.data.name, ev.data.split, data_dir=data_dir)
+  except input_pipeline.DatasetNotFoundError as e:
+    raise FileNotFoundError(f"config.evaluate.data: {e}") from None
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"config.evaluate.data: {e}") from None
+  try:
+    ds, nb = input_pipeline.get_eval_dataset(
+        ev.data.name, ev.data.split, preprocess=ev.pp,
+        batch_size=int(ev.batch_size) // pcount, process_index=jax.process_index(),
+        process_count=pcount, data_dir=data_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"config.evaluate.pp={ev.pp!r}: {e}") from None
+  keys = sorted(k for k in ds.element_spec if not k.startswith("_"))
+  if "image" not in keys or "label" not in keys:
+    raise ValueError(f"config.evaluate.pp: evaluation batches have keys {keys}; the "
+                     "evaluator needs 'image' and 'label'")
+  settings = config_schema.validate_settings(list(ev.settings))
+  if any(isinstance(s, ptq.PTQSetting) for s in settings):
+    data = config.input.data
+    try:
+      n = input_pipeline.num_examples(data["name"], data["split"],
+                                      data_dir=config.input.get("data_dir"))
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"config.input.data (the calibration images of the PTQ "
+                       f"settings): {e}") from None
+    if n < int(ev.calib_images):
+      raise ValueError(
+          f"config.evaluate.calib_images={ev.calib_images}: the calibration split "
+          f"{data['name']}[{data['split']}] (config.input.data) has only {n} "
+          "examples")
+  if ev.kind == "zeroshot":
+    from s2d_jax.models import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+    try:
+      tok_lib.Tokenizer(**dict(ev.get("tokenizer") or {}))
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"config.evaluate.tokenizer={ev.get('tokenizer')!r}: "
+                       f"{type(e).__name__}: {e}") from None
+    if ev.get("classnames") is None:
+      label = input_pipeline.get_info(ev.data.name, data_dir).features.get("label")
+      if not getattr(label, "names", None):
+        raise ValueError(
+            f"config.evaluate.classnames: not set, and dataset {ev.data.name!r} has "
+            "no 'label' class names to take them from")
+  return ds, nb
+
+
+def check_writable(workdir: str) -> None:
+  """Raises OSError naming `workdir` unless process 0 can create files in it.
+
+  Runs before any work, so that a read-only workdir does not cost a whole
+  evaluation; every process gets the answer (process 0 writes the report).
+  """
+  ok, why = True, ""
+  if jax.process_index() == 0 and "://" not in workdir:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      fd, tmp = tempfile.mkstemp(prefix=".write_check_", dir=workdir)
+      os.close(fd)
+      os.remove(tmp)
+    except OSError as e:
+      ok, why = False, f"{type(e).__name__}: {e.strerror or e}"
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    ok = bool(multihost_utils.broadcast_one_to_all(np.asarray(ok)))
+  if not ok:
+    raise OSError(f"--workdir {workdir!r} is not writable ({why or 'on process 0'}): "
+                  "report.json and plots/ go there; pick another --workdir")
+
+
 def calibration_images(config, n: int) -> np.ndarray:
   """The first `n` images of the training split (`config.input.data`) with the
   evaluation preprocessing: deterministic, identical on every process."""
@@ -500,22 +665,18 @@ def evaluate(config, workdir: str | None, *, params=None, mesh=None,
   """Runs the evaluation described by `config.evaluate`; writes the report.
 
   `params` (e.g. the trainer's global arrays, with its `mesh`) skip checkpoint
-  loading. Process 0 writes `workdir/report.json` and `workdir/plots/` (when
-  `write`) and prints the table.
+  loading. Every check (config, inputs, a writable workdir, the checkpoint against
+  the model) runs before any work. Process 0 prints the table, then writes
+  `workdir/report.json` atomically and `workdir/plots/` (when `write`).
   """
-  from s2d_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   config_schema.validate(config, training=False)
   ev = config.evaluate
   settings = parse_settings(list(ev.settings))
   mesh = mesh if mesh is not None else parallel.make_mesh(int(config.mesh.fsdp))
   ndev, pcount = mesh.devices.size, jax.process_count()
-  if ev.batch_size % ndev or ev.batch_size % pcount:
-    raise ValueError(f"config.evaluate.batch_size={ev.batch_size} does not divide "
-                     f"among {ndev} devices")
-  ds, nb = input_pipeline.get_eval_dataset(
-      ev.data.name, ev.data.split, preprocess=ev.pp,
-      batch_size=ev.batch_size // pcount, process_index=jax.process_index(),
-      process_count=pcount, data_dir=_data_dir(config))
+  ds, nb = prepare_inputs(config, ndev)
+  if write and workdir:
+    check_writable(workdir)
   image_shape = tuple(ds.element_spec["image"].shape[1:])
   model, params, ckpt = load_model(config, workdir, mesh, image_shape, params)
   apply_fn, output_fn = _predict_fns(config, model, params, mesh)

@@ -4,7 +4,9 @@ Each record is `{"step": int, "time": seconds since start, **scalars}`; scalars 
 converted to Python floats/ints (numpy / jax scalars included). Only process 0
 writes (multi-host runs log once). The JSONL file is opened in append mode and
 flushed after every record, so a resumed run continues the same file and a crash
-loses nothing already logged. The same scalars go to TensorBoard event files in
+loses nothing already logged; a run that (re)starts from step N first drops the
+records of steps > N (logged after the checkpoint it resumes from) and a torn last
+line, so every step appears once (`keep_steps_upto`). The same scalars go to TensorBoard event files in
 `tb_dir` (`flax.metrics.tensorboard`; `tensorboard --logdir WORKDIR`).
 
 Progress (`Chrono`, as big_vision's chrono): steps/s since the previous log line and
@@ -45,10 +47,12 @@ class MetricWriter:
     enabled: False on non-zero processes: nothing is written or printed.
     stream: where the console line goes (default stdout); None = silent console.
     tb_dir: directory of the TensorBoard event files (None = no TensorBoard).
+    start_step: the step this run starts from (0, or the checkpoint it resumed):
+      records of later steps already in the file are dropped (`keep_steps_upto`).
   """
 
   def __init__(self, path: str, *, enabled: bool = True, stream=sys.stdout,
-               tb_dir: str | None = None):
+               tb_dir: str | None = None, start_step: int | None = None):
     self.path = path
     self.enabled = enabled
     self.stream = stream
@@ -56,6 +60,8 @@ class MetricWriter:
     self._f = self._tb = None
     if enabled:
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      if start_step is not None:
+        keep_steps_upto(path, start_step)
       self._f = open(path, 'a', encoding='utf-8')
       if tb_dir:
         from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
@@ -146,6 +152,33 @@ def _duration(seconds: float) -> str:
   s = int(round(seconds))
   h, m, s = s // 3600, s // 60 % 60, s % 60
   return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s' if m else f'{s}s'
+
+
+def keep_steps_upto(path: str, step: int) -> int:
+  """Drops the records of steps > `step` (and unparsable lines: a write torn by a
+  kill) from a metrics.jsonl file, atomically (temp + rename); returns how many
+  were dropped. A missing file is left missing."""
+  if not os.path.exists(path):
+    return 0
+  keep, dropped = [], 0
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        ok = int(json.loads(line)['step']) <= int(step)
+      except (ValueError, KeyError, TypeError):
+        ok = False
+      if ok:
+        keep.append(line if line.endswith('\n') else line + '\n')
+      else:
+        dropped += 1
+  if dropped:
+    tmp = path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+  return dropped
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -7,14 +7,17 @@ it here.
 report.json (one evaluation of one model):
 
     accuracy      {setting: top-1 fraction}            settings in the order evaluated
-    counts        {setting: {correct, total}}          total = real examples (no padding)
+    counts        {setting: {correct, total,           total = real examples (no padding);
+                   nonfinite}}                         nonfinite = examples whose logits
+                                                       hold NaN / Inf (counted as wrong)
     settings      {setting: record}                    'float': {float: true}; uniform:
                                                        every QuantSetting field; PTQ:
                                                        {method, w_bits, a_bits,
                                                        calib_images, info (qapply.info)}
     layers        {'<layer>/<input|output>': stats}    float model, s2d_jax.outliers:
                                                        count, max_abs, kurtosis,
-                                                       median_abs, massive, ...
+                                                       median_abs, massive,
+                                                       nonfinite (flag), ...
     weights       {kernel: {sigma_max, sigma_ratio_12, top_sigma, shape}}
     quant_plan    {uniform setting: {num_quantized_calls, modules_by_bits}}
     pcdr          {kernel: [PCDR_1, PCDR_2, PCDR_3]}   first examples of the data
@@ -98,23 +101,41 @@ def bits(record: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def format_table(report: Mapping[str, Any]) -> str:
-  """A readable table: setting, W/A bits, top-1, Δ vs float, examples."""
+  """A readable table: setting, W/A bits, top-1, Δ vs float, examples, and the
+  examples whose logits are not finite (NaN / Inf: scored as wrong, never as a
+  plausible accuracy); then the largest activation and the number of layers with
+  massive and with non-finite activations."""
   acc = report["accuracy"]
   base = acc.get(FLOAT)
-  rows = [("setting", "W", "A", "top-1 %", "Δ vs float", "examples")]
+  rows = [("setting", "W", "A", "top-1 %", "Δ vs float", "examples", "non-finite")]
   for name, a in acc.items():
     w, ab = bits(report["settings"][name])
+    counts = report["counts"][name]
+    bad = int(counts.get("nonfinite", 0))
     d = "" if base is None or name == FLOAT else f"{100 * (a - base):+.2f}"
-    rows.append((name, w, ab, f"{100 * a:.2f}", d,
-                 str(report["counts"][name]["total"])))
+    rows.append((name, w, ab, f"{100 * a:.2f}" + (" (!)" if bad else ""), d,
+                 str(counts["total"]), str(bad)))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-  lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))
+  flagged = [n for n in acc if int(report["counts"][n].get("nonfinite", 0))]
+  if flagged:
+    lines.append(f"(!) non-finite logits in {', '.join(flagged)}: those examples are "
+                 "counted as wrong")
   if report.get("layers"):
-    massive = [k for k, v in report["layers"].items() if v.get("massive")]
-    top = max(report["layers"].items(), key=lambda kv: kv[1]["max_abs"])
-    lines.append(f"largest activation: {top[1]['max_abs']:.1f} at {top[0]}; "
-                 f"{len(massive)} layer(s) with massive activations")
+    layers = report["layers"]
+    massive = [k for k, v in layers.items() if v.get("massive")]
+    nonfinite = [k for k, v in layers.items() if v.get("nonfinite")]
+    finite_max = [(k, v["max_abs"]) for k, v in layers.items()
+                  if isinstance(v.get("max_abs"), (int, float))
+                  and math.isfinite(v["max_abs"])]
+    if finite_max:
+      k, m = max(finite_max, key=lambda kv: kv[1])
+      head = f"largest activation: {m:.1f} at {k}; "
+    else:
+      head = ""
+    lines.append(f"{head}{len(massive)} layer(s) with massive activations, "
+                 f"{len(nonfinite)} layer(s) with non-finite activations")
   return "\n".join(lines)
 
 

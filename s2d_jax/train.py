@@ -29,13 +29,26 @@ feeds its 1/process_count of the batch; `--coordinator_address/--num_processes/
 
 Phases of `train` (each in one place):
 1. `_startup`: every check before anything is written — config keys and values
-   (`config_schema.validate`), dataset present, batch divisible by devices, the init
-   npz read once and checked against the model, existing checkpoints compatible.
+   (`config_schema.validate`: finite everywhere), dataset present, batch divisible by
+   devices, the evaluation's inputs (`evaluate.prepare_inputs`: split, calibration
+   images, tokenizer) when it runs, the init npz read once and checked against the
+   model and for NaN / Inf (`model_load.allow_nonfinite`), and the latest checkpoint:
+   readable (else `DamagedCheckpointError` naming the step to fall back to) and
+   written for this model *and* optimizer (both fingerprints; else
+   `IncompatibleCheckpointError` saying what differs in config terms, e.g.
+   "s2d is on now, off in checkpoint 200").
 2. `_restore_or_init`: resume from the latest checkpoint (params, optimizer state
-   incl. S2D bases, data position), or initialise (random, then `model_init`).
+   incl. S2D bases, data position), or initialise (random, then `model_init`). Only
+   then is `config.json` written; "resuming from step N" is printed (with the config
+   keys that differ from the checkpoint's) and metrics.jsonl records of steps > N
+   are dropped, so no step is logged twice.
 3. the loop: one explicit `while`, logging (metrics.jsonl, TensorBoard, steps/s, ETA)
    and checkpoints every `ckpt_every` steps and at the end; a restarted run continues
-   exactly (same data order, dropout keys and PCDR refresh steps).
+   exactly (same data order, dropout keys and PCDR refresh steps). The first step
+   whose loss or gradient norm is NaN / Inf is tracked on device (no extra host
+   round-trip); before every log line, checkpoint and the export it is checked, and a
+   diverged run stops with a `RunError` naming that step and the last good
+   checkpoint (exit 1 from the CLI): no NaN checkpoint, no NaN params.npz.
 4. export: the final params as a big_vision npz (`WORKDIR/params.npz`, process 0).
 `train_and_evaluate` adds the evaluation (`s2d_jax.evaluate`, WORKDIR/report.json).
 """
@@ -176,12 +189,10 @@ def s2d_log(opt_state) -> dict:
 
   The one place that reads the S2D state for logging (through `optim`'s accessors).
   """
-  st = optim.find_s2d_state(opt_state)
   out = {}
-  active = getattr(st, 'active', None)
+  active = optim.active_counts(opt_state)   # {kernel: (*layers,) int32}
   if active:
-    out['s2d_active'] = sum(jnp.sum(a.astype(jnp.int32))
-                            for a in jax.tree.leaves(active))
+    out['s2d_active'] = sum(jnp.sum(a.astype(jnp.int32)) for a in active.values())
   sig = optim.sigma_estimates(opt_state)
   if sig:
     out['s2d_sigma_max'] = jnp.max(jnp.stack([jnp.max(v) for v in sig.values()]))
@@ -200,8 +211,9 @@ def _make_pcdr_refresh(config, model, mesh, opt_sh):
   of each kernel is its own small jitted program (pcdr.select_active called outside
   jit, on each process's local copy of the replicated params and inputs) and
   set_active replaces values only, so nothing
-  recompiles after the first refresh. (A single fused capture+PCDR program was seen
-  to deadlock XLA:CPU.)
+  recompiles after the first refresh. (A single fused capture+PCDR program
+  deadlocks XLA:CPU's multi-device collectives: still so with jax 0.10.2, an
+  all-gather rendezvous timeout; reproduction: benchmarks/xla_cpu_hangs.py.)
   """
   nb = int(config.s2d.pcdr_batch)
   exclude = tuple(config.s2d.exclude)
@@ -299,6 +311,15 @@ class _Setup:
   abstract_opt: Any
   opt_sh: Any
   resume_step: int | None
+  resume_changes: list   # config keys that differ from the resumed checkpoint's
+
+
+def _config_changes(config, meta: dict, step: int) -> list[str]:
+  """What differs between `config` and the config stored in checkpoint `step`."""
+  then = meta.get('config')
+  if not isinstance(then, dict):
+    return []
+  return config_utils.config_changes(config, then, f'checkpoint {step}')
 
 
 def _startup(config: mlc.ConfigDict, workdir: str) -> _Setup:
@@ -311,6 +332,9 @@ def _startup(config: mlc.ConfigDict, workdir: str) -> _Setup:
         f'config.input.batch_size={config.input.batch_size} is not divisible by the '
         f'{jax.device_count()} devices')
   total = total_steps_of(config, _check_dataset(config))
+  if config.evaluate.enabled:   # split, calibration images, tokenizer: before step 0
+    from s2d_jax import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.prepare_inputs(config)
   if config.model_init and '://' not in config.model_init and \
       not os.path.exists(config.model_init):
     raise FileNotFoundError(f'config.model_init: no such file {config.model_init!r}')
@@ -331,15 +355,17 @@ def _startup(config: mlc.ConfigDict, workdir: str) -> _Setup:
       jax.random.PRNGKey(0))
   loaded = None
   if config.model_init:  # read once, checked against the model
-    loaded = task.module().load(abstract_params, config.model_init, config.model,
-                                tuple(config.model_load.get('dont_load', ())))
+    loaded = task.module().load(
+        abstract_params, config.model_init, config.model,
+        tuple(config.model_load.get('dont_load', ())),
+        allow_nonfinite=bool(config.model_load.get('allow_nonfinite', False)))
   param_sh = parallel.tree_shardings(abstract_params, mesh)
   tx, sched = make_optimizer(config, total, abstract_params)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_sh = parallel.tree_shardings(abstract_opt, mesh)
 
-  # Existing checkpoints: compatible with this model?
-  resume_step = None
+  # Existing checkpoints: readable, and written for this model and optimizer?
+  resume_step, changes = None, []
   has_ckpts = os.path.isdir(checkpointing.checkpoint_dir(workdir))
   if pcount > 1:
     # Every process must take the same branch (orbax syncs inside both), and on a
@@ -349,12 +375,18 @@ def _startup(config: mlc.ConfigDict, workdir: str) -> _Setup:
     has_ckpts = bool(multihost_utils.broadcast_one_to_all(np.asarray(has_ckpts)))
   if has_ckpts:
     ro = checkpointing.Checkpointer(workdir, create=False)
-    resume_step = ro.latest_step()
-    if resume_step is not None:
-      ro.check_compatible(abstract_params, resume_step)
-    ro.close()
+    try:
+      resume_step = ro.latest_step()
+      if resume_step is not None:
+        meta = ro.read_meta(resume_step)
+        changes = _config_changes(config, meta, resume_step)
+        ro.check_compatible(
+            abstract_params, resume_step, abstract_opt_state=abstract_opt, meta=meta,
+            hint=('the config differs: ' + '; '.join(changes)) if changes else '')
+    finally:
+      ro.close()
   return _Setup(task, model, mesh, total, example_inputs, abstract_params, loaded,
-                param_sh, tx, sched, abstract_opt, opt_sh, resume_step)
+                param_sh, tx, sched, abstract_opt, opt_sh, resume_step, changes)
 
 
 def _restore_or_init(config, s: _Setup, ckpt: checkpointing.Checkpointer, echo: bool):
@@ -381,6 +413,35 @@ def _restore_or_init(config, s: _Setup, ckpt: checkpointing.Checkpointer, echo: 
         params, s.loaded, s.param_sh)
   opt_state = jax.jit(s.tx.init, out_shardings=s.opt_sh)(params)
   return params, opt_state, 0
+
+
+def _track_nonfinite(first, step, m):
+  """(first bad step, its loss, its grad norm): step+1 of the first step whose loss
+  or gradient norm is NaN / Inf (-1 while none), kept on device."""
+  bad_step, loss, gnorm = first
+  new = (bad_step < 0) & ~(jnp.isfinite(m['loss']) & jnp.isfinite(m['grad_norm']))
+  return (jnp.where(new, step + 1, bad_step),
+          jnp.where(new, m['loss'].astype(jnp.float32), loss),
+          jnp.where(new, m['grad_norm'].astype(jnp.float32), gnorm))
+
+
+def _diverged(first, ckpt, workdir: str) -> config_utils.RunError | None:
+  """The error for a run whose loss / grad norm went non-finite (None if not)."""
+  bad_step, loss, gnorm = (x.item() for x in jax.device_get(first))
+  if bad_step < 0:
+    return None
+  last = ckpt.latest_step()
+  if last is None:
+    keep = 'no checkpoint was written before it'
+    again = 'start again'
+  else:
+    keep = (f'the last good checkpoint is step {last} in {ckpt.directory} (kept: '
+            'nothing after the divergence is saved, no params.npz written)')
+    again = f're-run to resume from step {last}'
+  return config_utils.RunError(
+      f'training diverged in {workdir}: non-finite loss at step {bad_step} (loss '
+      f'{loss}, grad_norm {gnorm}); {keep}. Lower config.lr, set '
+      f'config.grad_clip_norm, or check the data / model_init, then {again}')
 
 
 def export_npz(params, path: str) -> str:
@@ -414,15 +475,26 @@ def train(config: mlc.ConfigDict, workdir: str, *,
 
   # --- from here on we write into workdir ---
   os.makedirs(workdir, exist_ok=True)
-  if pidx == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=int(config.keep_ckpts))
+  try:
+    params, opt_state, start = _restore_or_init(config, s, ckpt, echo)
+  except BaseException:
+    ckpt.close()
+    raise
+  if pidx == 0:   # only after a successful restore
+    tmp = os.path.join(workdir, 'config.json.tmp')
+    with open(tmp, 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(tmp, os.path.join(workdir, 'config.json'))
+    if start and echo:
+      print(f'resuming from step {start} of {s.total} ({ckpt.directory})'
+            + ('; the config differs: ' + '; '.join(s.resume_changes)
+               if s.resume_changes else ''), flush=True)
   writer = metrics_lib.MetricWriter(os.path.join(workdir, 'metrics.jsonl'),
                                     enabled=pidx == 0,
                                     stream=sys.stdout if echo else None,
-                                    tb_dir=os.path.join(workdir, 'tensorboard'))
-  params, opt_state, start = _restore_or_init(config, s, ckpt, echo)
+                                    tb_dir=os.path.join(workdir, 'tensorboard'),
+                                    start_step=start)
   mesh, total = s.mesh, s.total
   repl = parallel.replicated(mesh)
 
@@ -441,8 +513,9 @@ def train(config: mlc.ConfigDict, workdir: str, *,
     apply_fn = quant_model.quantized_apply(s.model.apply, setting, calibration=calib,
                                            ste=True)
 
-  # Buffer donation saves a copy of params + optimizer state on TPU/GPU; on CPU
-  # (tests, the demo) a donated multi-device S2D step was seen to hang in XLA:CPU.
+  # Buffer donation saves a copy of params + optimizer state on TPU/GPU; on CPU a
+  # donated S2D step hangs XLA:CPU (still with jax 0.10.2, on 1, 2 and 8 devices:
+  # benchmarks/xla_cpu_hangs.py reproduces it), so CPU runs do not donate.
   donate = (0, 1) if jax.default_backend() != 'cpu' else ()
   step_fn = jax.jit(
       functools.partial(train_step, apply_fn=apply_fn,
@@ -456,9 +529,18 @@ def train(config: mlc.ConfigDict, workdir: str, *,
   sigma_fn = jax.jit(sigma_max_fn(sig_paths), out_shardings=repl) if sig_paths else None
   s2d_fn = jax.jit(s2d_log, out_shardings=repl) if config.s2d.enabled else None
 
+  config_json = config_utils.config_as_json(config)
   data_meta = lambda step: {'data': {'batches_consumed': int(step),
                                      'process_count': pcount,
-                                     'seed': int(config.seed)}}
+                                     'seed': int(config.seed)},
+                            'config': config_json}
+  track = jax.jit(_track_nonfinite, out_shardings=repl)
+  first_bad = jax.device_put((np.int32(-1), np.float32(0), np.float32(0)), repl)
+
+  def stop_if_diverged():
+    err = _diverged(first_bad, ckpt, workdir)
+    if err is not None:
+      raise err
   it = iter(train_iterator(config, start, pidx, pcount)) if start < total else None
   chrono = metrics_lib.Chrono(total)
   last_metrics = {}
@@ -471,13 +553,15 @@ def train(config: mlc.ConfigDict, workdir: str, *,
         # Wait before the step: on XLA:CPU the two programs running concurrently
         # (async dispatch) were seen to deadlock; costs nothing measurable on TPU.
         jax.block_until_ready(opt_state)
-      params, opt_state, m = step_fn(params, opt_state, batch,
-                                     jnp.asarray(step, jnp.int32))
+      step_arr = jnp.asarray(step, jnp.int32)
+      params, opt_state, m = step_fn(params, opt_state, batch, step_arr)
+      first_bad = track(first_bad, step_arr, m)
       step += 1
       if step == start + 1:
         jax.block_until_ready(m)
         chrono.start(step)   # the first step's compile is not in the rate
       if step % int(config.log_every) == 0 or step == total:
+        stop_if_diverged()
         rec = {'total_steps': total, **jax.device_get(m),
                'lr': float(s.sched(step - 1)), **chrono.report(step)}
         if sigma_fn is not None:
@@ -488,10 +572,12 @@ def train(config: mlc.ConfigDict, workdir: str, *,
           rec.update(jax.device_get(s2d_fn(opt_state)))
         last_metrics = writer.write(step, rec, echo=echo)
       if config.ckpt_every and step % int(config.ckpt_every) == 0 and step < total:
+        stop_if_diverged()
         ckpt.save(step, params, opt_state, data_meta(step))
       if on_step is not None:
         on_step(step)
     if start < total or ckpt.latest_step() != total:
+      stop_if_diverged()
       ckpt.save(total, params, opt_state, data_meta(total))
   finally:
     ckpt.close()

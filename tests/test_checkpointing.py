@@ -132,3 +132,92 @@ def test_restore_params_onto_a_mesh(tmp_path):
   assert got['Dense_0']['kernel'].sharding.mesh == mesh
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(p)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _adam_state(params):
+  return optax.adamw(1e-2).init(params)
+
+
+def test_optimizer_fingerprint_is_checked_before_restoring(tmp_path):
+  """A checkpoint of another optimizer (here: gradient clipping added, as S2D on/off
+  or another K_max would change the state) is refused by name before any array is
+  read, with the caller's hint (on main: no optimizer fingerprint, orbax fails
+  deep inside the restore)."""
+  p = _tree()
+  c = ck.Checkpointer(str(tmp_path))
+  c.save(3, p, _adam_state(p), {})
+  assert ck.fingerprint(_adam_state(p)) == c.read_meta()['opt_fingerprint']
+  other = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)).init(p)
+  with pytest.raises(ck.IncompatibleCheckpointError,
+                     match=r'checkpoint .*3 was written for another optimizer: '
+                     r'optimizer state entries missing.*; clip is on now') as e:
+    c.check_compatible(p, abstract_opt_state=other, hint='clip is on now')
+  assert isinstance(e.value, ValueError)
+  with pytest.raises(ck.IncompatibleCheckpointError, match='another optimizer'):
+    c.restore(p, other)
+  p2, _, _ = c.restore(p, _adam_state(p))   # the right one still restores
+  np.testing.assert_array_equal(p2['scale'], p['scale'])
+  c.close()
+
+
+def _damage(step_dir, how):
+  if how == 'meta garbage':
+    open(os.path.join(step_dir, 'meta', 'metadata'), 'w').write('{"step": 2, gar')
+  else:
+    d = os.path.join(step_dir, 'params', 'ocdbt.process_0', 'd')
+    for f in os.listdir(d):
+      if how == 'data deleted':
+        os.remove(os.path.join(d, f))
+      else:  # truncated
+        with open(os.path.join(d, f), 'r+b') as fh:
+          fh.truncate(7)
+
+
+@pytest.mark.parametrize('how', ['data deleted', 'data truncated', 'meta garbage'])
+def test_damaged_step_gives_one_message_with_the_fallback(tmp_path, how):
+  """One line naming the step, its directory and the previous step to fall back to
+  (on main: orbax's / TensorStore's multi-line error, or a KeyError)."""
+  p = _tree(width=64)
+  c = ck.Checkpointer(str(tmp_path))
+  c.save(1, p, _adam_state(p), {})
+  c.save(2, p, _adam_state(p), {})
+  step_dir = os.path.join(tmp_path, 'checkpoints', '2')
+  _damage(step_dir, how)
+  calls = [lambda: c.restore(p, _adam_state(p)),
+           lambda: ck.restore_params(str(tmp_path))]
+  for call in calls:
+    with pytest.raises(ck.DamagedCheckpointError) as e:
+      call()
+    msg = str(e.value)
+    assert '\n' not in msg and len(msg) < 800, msg
+    assert f'checkpoint step 2 in {os.path.join(tmp_path, "checkpoints")} is ' \
+        'damaged' in msg, msg
+    assert f'previous checkpoint (step 1), delete {step_dir}' in msg, msg
+  c.close()
+  # following the advice works
+  import shutil
+  shutil.rmtree(step_dir)
+  np.testing.assert_array_equal(ck.restore_params(str(tmp_path))['scale'], p['scale'])
+
+
+def test_damaged_only_step_says_start_again(tmp_path):
+  p = _tree()
+  c = ck.Checkpointer(str(tmp_path))
+  c.save(5, p, _adam_state(p), {})
+  _damage(os.path.join(tmp_path, 'checkpoints', '5'), 'meta garbage')
+  with pytest.raises(ck.DamagedCheckpointError,
+                     match='no earlier checkpoint: delete .*5 to start again'):
+    c.read_meta()
+  c.close()
+
+
+def test_restore_params_checks_expected_before_reading(tmp_path):
+  p = _tree(width=4)
+  c = ck.Checkpointer(str(tmp_path))
+  c.save(1, p, {}, {'config': {'w': 4}})
+  c.close()
+  with pytest.raises(ck.IncompatibleCheckpointError,
+                     match=r"'Dense_0/bias' has shape \(4,\) there but \(5,\) in the "
+                     r"model; w is 5 now"):
+    ck.restore_params(str(tmp_path), expected=_tree(width=5),
+                      hint=lambda meta: f'w is 5 now, {meta["config"]["w"]} there')

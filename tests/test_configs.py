@@ -263,3 +263,61 @@ class _nullctx:
 
   def __exit__(self, *a):
     return False
+
+
+@pytest.mark.parametrize('key,value,name', [
+    ('total_epochs', float('inf'), r'config.total_epochs'),
+    ('s2d.power', float('inf'), r'config.s2d.power'),
+    ('s2d.strength', float('nan'), r'config.s2d.strength'),
+    ('evaluate.tokenizer', {'opts': [1.0, float('-inf')]},
+     r'config.evaluate.tokenizer.opts\[1\]'),
+])
+def test_non_finite_values_are_rejected_at_any_depth(key, value, name):
+  """Every float of the config must be finite, named by its dotted key (on main:
+  total_epochs=inf and s2d.power=inf passed, and free-form sections were never
+  looked at)."""
+  c = cu.load_config('demo:size=tiny')
+  c.total_steps, c.total_epochs = 0, 1.0
+  c.s2d.enabled = True
+  node = c
+  for part in key.split('.')[:-1]:
+    node = node[part]
+  with node.ignore_type():
+    node[key.split('.')[-1]] = value
+  with pytest.raises(ValueError, match=f'^{name}: must be finite, got -?(inf|nan)$'):
+    config_schema.validate(c)
+
+
+def test_non_finite_cli_value_and_allow_nonfinite_flag(tmp_path):
+  fv = flags.FlagValues()
+  cu.define_flags(fv, workdir_help='w')
+  c = cu.parse_flags(fv, ['--config=demo:size=tiny', '--workdir', 'x',
+                          '--config.lr=inf', '--config.model_load.allow_nonfinite=True'],
+                     usage='u')
+  assert c.model_load.allow_nonfinite is True
+  with pytest.raises(ValueError, match='config.lr: must be finite, got inf'):
+    config_schema.validate(c, training=False)   # at any time, not only training
+  c.lr = 1e-3
+  config_schema.validate(c)
+  with c.model_load.ignore_type():
+    c.model_load.allow_nonfinite = 'yes'
+  with pytest.raises(ValueError, match='config.model_load.allow_nonfinite: must be '
+                     "True or False, got 'yes'"):
+    config_schema.validate(c)
+
+
+def test_config_changes_in_config_terms():
+  now = cu.load_config('demo:size=tiny,s2d=True')
+  then = cu.config_as_json(now)
+  assert cu.config_changes(now, then, 'checkpoint 200') == []
+  then['s2d']['k_max'] = int(now.s2d.k_max) + 1
+  then['s2d']['enabled'] = False
+  then['lr'] = 0.5
+  then['gone'] = 'x'
+  del then['seed']
+  assert cu.config_changes(now, then, 'checkpoint 200') == [
+      "gone is not set now, 'x' in checkpoint 200",
+      f'lr is {now.lr} now, 0.5 in checkpoint 200',
+      's2d is on now, off in checkpoint 200',
+      f's2d.k_max is {now.s2d.k_max} now, {now.s2d.k_max + 1} in checkpoint 200',
+      f'seed is {now.seed} now, not set in checkpoint 200']

@@ -194,7 +194,7 @@ def test_ptq_setting_names(setup, fake_ptq):
                                                 calibration=cal))(variables, x)[0])
   want = int((qpred.argmax(-1) == y).sum())
   for r in reps.values():
-    assert r["counts"]["Fake/W4A4"] == {"correct": want, "total": N}
+    assert r["counts"]["Fake/W4A4"] == {"correct": want, "total": N, "nonfinite": 0}
     assert list(r["accuracy"]) == ["float", "Fake/W4A4", "W8A8"]
   rec = reps[1]["settings"]["Fake/W4A4"]
   assert rec == dict(method="Fake", w_bits=4, a_bits=4, calib_images=6,
@@ -338,7 +338,7 @@ def test_zeroshot_two_towers_quantizes_image_tower():
                         settings=["float", "W4A4"], output_fn=output_fn,
                         devices=jax.devices()[:2], collect_stats=False,
                         pcdr_examples=0, progress=False)
-  assert r["counts"]["float"] == {"correct": 7, "total": 12}
+  assert r["counts"]["float"] == {"correct": 7, "total": 12, "nonfinite": 0}
   qz = jax.jit(qm.quantized_apply(lambda v, x: model.apply(v, x, None)[0], "W4A4"))(
       {"params": params}, x)
   assert r["counts"]["W4A4"]["correct"] == int(((np.asarray(qz) @ emb.T).argmax(-1)
@@ -355,3 +355,122 @@ def test_cli_help_lists_flags_and_an_example(capsys):
                "--process_id"):
     assert flag in out
   assert "python -m s2d_jax.evaluate --config" in out
+
+
+@pytest.mark.parametrize("name", ["RepQ-ViT/W4A4", "ERQ/W4A4"])  # one path for all
+def test_real_ptq_methods_in_the_evaluator(setup, name):
+  """The paper's protocols by name: the evaluator's counts equal those of
+  ptq.quantize + qapply on the same calibration images (masked last batch), and
+  report.json records the method's own info (its per-op plan)."""
+  model, variables, x, y = setup
+  calib = x[:8]
+  batches = _batches(x, y)
+  rep = ev.evaluate_model(model.apply, variables, batches, settings=["float", name],
+                          calib_images=calib, collect_stats=False, weight_stats=False,
+                          pcdr_examples=0, progress=False)
+  qapply, qvars = ptq.quantize(model.apply, variables, calib, name)
+  pred = np.asarray(jax.jit(qapply)(qvars, x)[0]).argmax(-1)
+  c = rep["counts"][name]
+  assert (c["correct"], c["total"]) == (int((pred == y).sum()), N)
+  rec = rep["settings"][name]
+  method, bits = name.split("/")
+  assert (rec["method"], rec["w_bits"], rec["calib_images"]) == (method, int(bits[1]), 8)
+  assert rec["info"]["name"] == name and rec["info"]["plan"]
+  json.dumps(rec)
+
+
+def test_nonfinite_logits_are_flagged_not_scored(setup):
+  """Examples whose logits hold NaN / Inf count as wrong and are counted per
+  setting; an all-NaN model scores 0 (on main argmax(NaN) = class 0 = the label
+  here, i.e. a plausible-looking 100 %), and the table says so."""
+  model, variables, x, _ = setup
+  y0 = np.zeros(N, np.int32)
+  xn = x.copy()
+  xn[3, 0, 0, 0] = np.nan                      # one example's image -> NaN logits
+  batches = [{"image": xn[i:i + BS], "label": y0[i:i + BS]} for i in range(0, N, BS)]
+  kw = dict(devices=jax.devices()[:2], weight_stats=False, pcdr_examples=0,
+            progress=False)
+  r = ev.evaluate_model(model.apply, variables, batches, settings=["float", "W8A8"],
+                        **kw)
+  logits = np.asarray(jax.jit(model.apply)(variables, xn)[0])
+  finite = np.isfinite(logits).all(-1)
+  assert finite.sum() == N - 1
+  want = int(((logits.argmax(-1) == 0) & finite).sum())
+  assert r["counts"]["float"] == {"correct": want, "total": N, "nonfinite": 1}
+  assert r["counts"]["W8A8"]["nonfinite"] == 1
+  bad_layers = [k for k, v in r["layers"].items() if v["nonfinite"]]
+  assert "embedding/input" in bad_layers
+  table = report.format_table(r)
+  assert "non-finite" in table.splitlines()[0]
+  assert f"{len(bad_layers)} layer(s) with non-finite activations" in table
+  assert "non-finite logits in float, W8A8" in table
+  # an all-NaN model: 0 %, every example flagged
+  p = jax.tree.map(np.array, variables["params"])
+  p["head"]["bias"][:] = np.nan
+  batches = [{"image": x[i:i + BS], "label": y0[i:i + BS]} for i in range(0, N, BS)]
+  r = ev.evaluate_model(model.apply, {"params": p}, batches, settings=["float"],
+                        collect_stats=False, **kw)
+  assert r["accuracy"]["float"] == 0.0
+  assert r["counts"]["float"] == {"correct": 0, "total": N, "nonfinite": N}
+  row = report.format_table(r).splitlines()[2].split()
+  assert row[:2] == ["float", "-"] and row[3:5] == ["0.00", "(!)"] and row[-1] == str(N)
+
+
+def test_cli_checks_before_work_and_checkpoint_against_model(tmp_path, capsys):
+  """Before any work: a workdir that cannot be written, a missing split, too few
+  calibration images; orbax checkpoints: another model (named, with the config
+  difference) and NaN params (refused unless model_load.allow_nonfinite)."""
+  from s2d_jax import checkpointing
+  from s2d_jax.data import demo
+  from s2d_jax.models import checkpoint as ckpt_lib
+  data_dir = tmp_path / "tfds"
+  demo.build(str(data_dir), "tiny")
+  model = vit.Model(10, **TINY)
+  params = jax.tree.map(np.array, jax.device_get(
+      jax.jit(model.init)(jax.random.key(3), jnp.zeros((1, 16, 16, 3)))["params"]))
+  cfg = _write_config(tmp_path, "", data_dir, pcdr=0, settings="('float',)")
+  run = tmp_path / "run"
+  c = checkpointing.Checkpointer(str(run))
+  from s2d_jax import config_utils
+  c.save(7, params, {}, {"config": config_utils.config_as_json(
+      config_utils.load_config(cfg))})
+  c.close()
+  # a file where the workdir should be: refused before the checkpoint is read
+  (tmp_path / "afile").write_text("x")
+  with pytest.raises(OSError, match="--workdir .*afile/w' is not writable"):
+    ev.main(["--config", cfg, "--workdir", str(tmp_path / "afile" / "w"),
+             "--config.evaluate.checkpoint", str(tmp_path / "nope")])
+  with pytest.raises(ValueError, match=r"config.evaluate.data: .*test\[:9999\]"):
+    ev.main(["--config", cfg, "--workdir", str(run),
+             "--config.evaluate.data.split=test[:9999]"])
+  with pytest.raises(ValueError, match=r"config.evaluate.calib_images=50: the "
+                     r"calibration split .*train\[:7\]\] \(config.input.data\) has only 7"):
+    ev.main(["--config", cfg, "--workdir", str(run),
+             "--config.evaluate.settings=float,RepQ-ViT/W4A4",
+             "--config.evaluate.calib_images=50",
+             "--config.input.data.name=s2d_demo_shapes/tiny",
+             "--config.input.data.split=train[:7]",
+             "--config.input.data_dir", str(data_dir)])
+  # another model: named, with what differs in config terms
+  with pytest.raises(checkpointing.IncompatibleCheckpointError,
+                     match=r"'head/bias' has shape \(10,\) there but \(3,\) in the "
+                     r"model; the config differs: num_classes is 3 now, 10 in "
+                     r"checkpoint 7's training config"):
+    ev.main(["--config", cfg, "--workdir", str(run), "--config.num_classes=3"])
+  # NaN params: refused by name, or evaluated (and flagged) when allowed
+  params["head"]["bias"][1] = np.nan
+  nan_run = tmp_path / "nan_run"
+  c = checkpointing.Checkpointer(str(nan_run))
+  c.save(1, params, {}, {})
+  c.close()
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match=r"head/bias \(1 NaN, 0 Inf of 10 values\).*allow_nonfinite"):
+    ev.main(["--config", cfg, "--workdir", str(nan_run)])
+  assert not (nan_run / "report.json").exists()
+  capsys.readouterr()
+  with pytest.warns(ckpt_lib.NonFiniteWarning, match="head/bias"):
+    rep = ev.main(["--config", cfg, "--workdir", str(nan_run),
+                   "--config.model_load.allow_nonfinite=True"])
+  assert rep["counts"]["float"] == {"correct": 0, "total": 21, "nonfinite": 21}
+  assert "(!)" in capsys.readouterr().out
+  assert json.load(open(nan_run / "report.json"))["counts"]["float"]["nonfinite"] == 21

@@ -238,3 +238,23 @@ def test_hf_errors(setup, tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="No \\*.safetensors"):
     hf.load_hf_params(str(tmp_path / "empty"))
+
+
+def test_load_hf_refuses_nonfinite_unless_allowed(setup, tmp_path):
+  """NaN / Inf tensors are named by their big_vision key (on main: loaded silently)."""
+  *_, tensors, _ = setup
+  t = dict(tensors)
+  key = "vision_model.embeddings.patch_embedding.bias"
+  t[key] = np.array(t[key])
+  t[key][1] = np.inf
+  (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+  save_file(t, str(tmp_path / "model.safetensors"))
+  with pytest.raises(ck.CheckpointError,
+                     match=r"img/embedding/bias \(0 NaN, 1 Inf of \d+ values\).*"
+                     "allow_nonfinite=True"):
+    siglip.load_hf(str(tmp_path))
+  with pytest.raises(ck.CheckpointError, match="img/embedding/bias"):
+    hf.load_hf_params(str(tmp_path))
+  with pytest.warns(ck.NonFiniteWarning, match="img/embedding/bias"):
+    _, p = siglip.load_hf(str(tmp_path), allow_nonfinite=True)
+  assert np.isinf(np.asarray(p["img"]["embedding"]["bias"])).sum() == 1

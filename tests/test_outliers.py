@@ -8,6 +8,7 @@ import pytest
 from s2d_jax import capture
 from s2d_jax import outliers as ol
 from s2d_jax.models import vit
+import ptq_fixtures  # the shared tiny-ViT helpers (tests/)
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4, patch_size=(8, 8),
             pool_type="gap", head_zeroinit=False)
@@ -129,13 +130,7 @@ def tiny():
   return model, params, x, inputs
 
 
-def _loop_to_scan(params, depth):
-  p = dict(params)
-  t = dict(p["Transformer"])
-  blocks = [t.pop(f"encoderblock_{i}") for i in range(depth)]
-  t["encoderblock"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
-  p["Transformer"] = t
-  return p
+_loop_to_scan = ptq_fixtures.loop_to_scan
 
 
 def test_model_stats_mask_and_scan_equals_loop(tiny):

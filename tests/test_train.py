@@ -53,9 +53,14 @@ def test_loss_goes_down_and_metrics_are_logged(data_dir, tmp_path):
   loss = np.array([r['loss'] for r in recs])
   assert np.all(np.isfinite(loss))
   assert loss[-6:].mean() < loss[:6].mean() - 0.05, loss
-  sched = train.lr_schedule(c, 24)
-  np.testing.assert_allclose([r['lr'] for r in recs],
-                             [float(sched(s - 1)) for s in range(1, 25)], rtol=1e-6)
+  # the logged lr of step s is the closed form at t = s - 1 (T = 24, T_w = 2.4 -> 2)
+  t = np.arange(24.0)
+  f = c.min_lr_frac
+  want = np.where(t < 2, 3e-3 * t / 2, 3e-3 * (
+      f + (1 - f) * 0.5 * (1 + np.cos(np.pi * (t - 2) / 22))))
+  # (float32 schedule: a few ulps of the peak lr, 2**-20 · lr)
+  np.testing.assert_allclose([r['lr'] for r in recs], want, rtol=1e-6,
+                             atol=3e-3 * 2 ** -20)
   for key in ('acc', 'grad_norm', 'steps_per_sec', 'sigma_max'):
     assert key in recs[-1]
   # σ_max logged = exact σ_max of the final params' largest kernels
@@ -274,3 +279,88 @@ def test_export_npz_equals_the_params(tmp_path):
   assert sorted(z.files) == ['params/a/kernel', 'params/b']
   np.testing.assert_array_equal(z['params/a/kernel'], p['a']['kernel'])
   np.testing.assert_array_equal(z['params/b'], p['b'])
+
+
+@pytest.mark.parametrize('warmup_steps,min_frac,want', [
+    # lr=1, T=10, warmup_frac=0.2 -> T_w=2; cosine over the 8 steps after it:
+    # lr_t = f + (1-f)·½(1 + cos(π (t-2)/8)), hand-evaluated at t = 2, 4, 6, 8, 10
+    (0, 0.1, [0.0, 0.5, 1.0, 0.1 + 0.9 * (2 + 2 ** 0.5) / 4, 0.55,
+              0.1 + 0.9 * (2 - 2 ** 0.5) / 4, 0.1]),
+    # warmup_steps overrides warmup_frac: T_w=4, f=0 -> cosine over 6 steps
+    (4, 0.0, [0.0, 0.25, 0.5, 0.75, 1.0, 0.5, 0.0]),
+])
+def test_lr_schedule_closed_form(warmup_steps, min_frac, want):
+  """Linear warmup then cosine to lr·min_lr_frac, against hand-computed values."""
+  c = cu.default_train_config()
+  c.lr, c.warmup_frac, c.warmup_steps, c.min_lr_frac = 1.0, 0.2, warmup_steps, min_frac
+  sched = train.lr_schedule(c, 10)
+  ts = [0, 1, 2, 4, 6, 8, 10] if warmup_steps == 0 else [0, 1, 2, 3, 4, 7, 10]
+  np.testing.assert_allclose([float(sched(t)) for t in ts], want, rtol=0, atol=1e-7)
+
+
+def test_total_epochs_gives_ceil_epochs_times_examples_over_batch(data_dir, tmp_path):
+  """total_epochs (what every paper config sets): T = ceil(E · N / B), here through
+  the trainer's start-up on the demo data (nothing is written)."""
+  from s2d_jax.data import input_pipeline
+  c = _config(data_dir, total_steps=0, total_epochs=2.3)
+  n = input_pipeline.num_examples(c.input.data['name'], c.input.data['split'],
+                                  data_dir=data_dir)
+  b = int(c.input.batch_size)
+  assert (n * 23) % (10 * b) != 0        # a partial last step: ceil matters
+  want = -(-n * 23 // (10 * b))
+  assert train._startup(c, str(tmp_path / 'w')).total == want
+  assert train.total_steps_of(c, 100) == -(-230 // b)
+  c.total_steps = 7
+  assert train.total_steps_of(c, 100) == 7
+  assert not os.path.exists(tmp_path / 'w')
+
+
+def test_task_losses_against_numpy_references():
+  """config.loss='sigmoid_xent' and the SigLIP loss, as the trainer calls them
+  (tasks.get(config).loss), against float64 numpy with log σ(z) = −log(1 + e^{−z})
+  (np.logaddexp: exact also for |z| = 40, where σ rounds to 0 or 1)."""
+  rs = np.random.RandomState(0)
+  logits = rs.randn(4, 5).astype(np.float32) * 3
+  logits[0, 1], logits[2, 3] = 40.0, -40.0
+  labels = np.array([1, 0, 3, 4])
+  c = cu.default_train_config()
+  c.model_name, c.num_classes, c.loss = 'vit', 5, 'sigmoid_xent'
+  loss, aux = tasks.get(c).loss(c, (logits,), {'label': labels})
+  z = logits.astype(np.float64)
+  y = np.eye(5)[labels]
+  want = np.mean(np.sum(y * np.logaddexp(0, -z) + (1 - y) * np.logaddexp(0, z), -1))
+  np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+  assert float(aux['acc']) == np.float32(np.mean(z.argmax(-1) == labels))
+  # SigLIP: −(1/B) Σ_ij log σ(s_ij (t·zi·zj + b)), s = +1 on the diagonal, −1 off it
+  zi = rs.randn(3, 4).astype(np.float32)
+  zt = rs.randn(3, 4).astype(np.float32)
+  c2 = cu.load_config('demo_pretrain:size=tiny')
+  t, b = np.float32(10.0), np.float32(-10.0)
+  loss, aux = tasks.get(c2).loss(c2, (zi, zt, {'t': t, 'b': b}), {})
+  s = 2 * np.eye(3) - 1
+  lg = 10.0 * zi.astype(np.float64) @ zt.T.astype(np.float64) - 10.0
+  np.testing.assert_allclose(float(loss), np.sum(np.logaddexp(0, -s * lg)) / 3,
+                             rtol=1e-5)
+  assert float(aux['acc']) == np.float32(np.mean((zi @ zt.T).argmax(-1) ==
+                                                 np.arange(3)))
+
+
+def test_s2d_log_counts_every_kernel_and_layer():
+  """s2d_log's total equals the sum of the counts set per kernel (scan stacks count
+  each layer), and its σ_max equals the largest tracked σ."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from s2d_jax import optim  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  params = {'a': {'kernel': rng.normal(size=(6, 4)).astype(np.float32)},
+            'b': {'kernel': rng.normal(size=(6, 4)).astype(np.float32)},
+            'encoderblock': {'c': {'kernel': rng.normal(size=(3, 5, 7)).astype(np.float32)}}}
+  tx = optax.chain(optim.s2d(k=3, k_max=3), optax.adam(1e-3))
+  state = optim.set_active(tx.init(params), {'a/kernel': 1, 'b/kernel': 3,
+                                             'encoderblock/c/kernel': np.array([0, 2, 3])})
+  log = jax.jit(train.s2d_log)(state)
+  assert int(log['s2d_active']) == 1 + 3 + (0 + 2 + 3)
+  sig = max(float(np.linalg.svd(params['a']['kernel'], compute_uv=False)[0]),
+            float(np.linalg.svd(params['b']['kernel'], compute_uv=False)[0]),
+            *[float(np.linalg.svd(m, compute_uv=False)[0])
+              for m in params['encoderblock']['c']['kernel']])
+  np.testing.assert_allclose(float(log['s2d_sigma_max']), sig, rtol=1e-4)

@@ -266,11 +266,18 @@ def hf_to_big_vision(tensors: Mapping[str, np.ndarray], config: Optional[dict] =
 
 
 def load_hf_params(path_or_dir: str, *, num_heads: Optional[int] = None,
-                   text_num_heads: Optional[int] = None) -> dict:
-  """Reads a HF SigLIP / SigLIP2 checkpoint into big_vision two-towers params."""
+                   text_num_heads: Optional[int] = None,
+                   allow_nonfinite: bool = False) -> dict:
+  """Reads a HF SigLIP / SigLIP2 checkpoint into big_vision two-towers params.
+
+  Params holding NaN / Inf raise a CheckpointError naming them (big_vision keys)
+  and their counts, unless `allow_nonfinite=True` (then a `NonFiniteWarning`).
+  """
   tensors, config = read_safetensors(path_or_dir)
-  return hf_to_big_vision(tensors, config, num_heads=num_heads,
-                          text_num_heads=text_num_heads)
+  params = hf_to_big_vision(tensors, config, num_heads=num_heads,
+                            text_num_heads=text_num_heads)
+  ckpt_lib.check_finite(params, allow=allow_nonfinite, where=path_or_dir)
+  return params
 
 
 # ----------------------------------------------------------------------------------

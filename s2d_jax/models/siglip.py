@@ -28,6 +28,7 @@ any `two_towers.Model` field (`out_dim`, `temperature_init`, `bias_init`).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -325,15 +326,19 @@ def _finish(model: nn.Module, params, expected, dont_load, param_dtype, seed,
   return jax.tree.map(jnp.asarray, merged)
 
 
-def load(path: str, **overrides) -> tuple[two_towers.Model, dict]:
+def load(path: str, *, allow_nonfinite: bool = False,
+         **overrides) -> tuple[two_towers.Model, dict]:
   """Loads a big_vision SigLIP / SigLIP2 npz: `(model, params)`.
 
   `path` is local or anything tf.io.gfile reads (gs://...); the file may hold
   `params/...` or bare names, loop or scan layout, float32 or bfloat16 leaves.
   See the module docstring for the overrides. Raises FileNotFoundError, or
-  CheckpointError (a ValueError) naming the key / shapes / dtype at fault.
+  CheckpointError (a ValueError) naming the key / shapes / dtype at fault, or
+  the keys holding NaN / Inf (`allow_nonfinite=True` loads them with a
+  `NonFiniteWarning`).
   """
-  return build(ckpt_lib.load_params(resolve(path)), **overrides)
+  return build(ckpt_lib.load_params(resolve(path), allow_nonfinite=allow_nonfinite),
+               **overrides)
 
 
 def save(path: str, params: Mapping[str, Any]) -> None:
@@ -341,25 +346,37 @@ def save(path: str, params: Mapping[str, Any]) -> None:
   ckpt_lib.save(path, params)
 
 
-def _image_tree(path_or_params) -> dict:
-  params = (ckpt_lib.load_params(resolve(path_or_params))
-            if isinstance(path_or_params, str) else path_or_params)
+def _image_tree(path_or_params) -> tuple[dict, str]:
+  """`(image tower tree, its name)`; not checked for NaN / Inf (the callers check
+  exactly the params they use: the text tower or a dropped head do not count)."""
+  if isinstance(path_or_params, str):
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", ckpt_lib.NonFiniteWarning)
+      params = ckpt_lib.load_params(resolve(path_or_params), allow_nonfinite=True)
+    where = path_or_params
+  else:
+    params, where = path_or_params, "params"
   if "img" in params:
-    return params["img"]
+    return params["img"], f"{where}:img"
   if "embedding" in params and "Transformer" in params:
-    return dict(params)
+    return dict(params), where
   raise CheckpointError("No image tower: expected an 'img' subtree or a ViT tree with "
                         f"'embedding' and 'Transformer' (top-level keys: {sorted(params)})")
 
 
 def load_vit(path_or_params, *, res=None, dont_load=(), param_dtype=None, seed=0,
+             allow_nonfinite: bool = False,
              **overrides) -> tuple[vit._Model, dict]:  # pylint: disable=protected-access
   """Loads a ViT: the image tower of a two-towers checkpoint, or a plain ViT npz.
 
   Overrides are `vit.Model` kwargs (e.g. scan, dtype_mm, pool_type, num_classes);
   the head is kept if the checkpoint has one (use `load_classifier` for a new head).
+  NaN / Inf params of the image tower (in the file or the given tree) raise a
+  CheckpointError naming them unless `allow_nonfinite=True` (then a
+  `NonFiniteWarning`).
   """
-  img = _image_tree(path_or_params)
+  img, where = _image_tree(path_or_params)
+  ckpt_lib.check_finite(img, allow=allow_nonfinite, where=where)
   cfg, info = infer_image_config(img, where="img" if isinstance(path_or_params, str)
                                  else "params")
   cfg = _override(cfg, overrides)
@@ -388,7 +405,8 @@ def load_classifier(path_or_params, num_classes: int, /, **overrides
   The checkpoint's own head (if any) is dropped; this is the paper's ImageNet
   fine-tuning model: logits = pool(ViT(x)) @ 0 + 0 at step 0. Overrides are
   `load_vit`'s (res, scan, dtype_mm, pool_type, variant, dont_load, ...); they may
-  repeat num_classes (e.g. `**config.model`) if it agrees.
+  repeat num_classes (e.g. `**config.model`) if it agrees, and may hold
+  `allow_nonfinite` (NaN / Inf in the image tower without its head: as `load_vit`).
   """
   if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -396,15 +414,27 @@ def load_classifier(path_or_params, num_classes: int, /, **overrides
     raise ValueError(f"num_classes={num_classes} and overrides num_classes="
                      f"{overrides['num_classes']} disagree")
   overrides.pop("num_classes", None)
-  img = dict(_image_tree(path_or_params))
-  img.pop("head", None)
+  allow = bool(overrides.pop("allow_nonfinite", False))
+  img, where = _image_tree(path_or_params)
+  img = dict(img)
+  img.pop("head", None)  # dropped: its values (finite or not) are never used
+  ckpt_lib.check_finite(img, allow=allow, where=where)
   dont_load = list(overrides.pop("dont_load", ()))
   overrides.setdefault("head_zeroinit", True)
-  return load_vit(img, num_classes=int(num_classes), dont_load=dont_load + ["head/.*"],
-                  **overrides)
+  with warnings.catch_warnings():  # checked (and warned about) above
+    warnings.simplefilter("ignore", ckpt_lib.NonFiniteWarning)
+    return load_vit(img, num_classes=int(num_classes),
+                    dont_load=dont_load + ["head/.*"], allow_nonfinite=True,
+                    **overrides)
 
 
-def load_hf(path_or_dir: str, **overrides) -> tuple[two_towers.Model, dict]:
-  """Loads a Hugging Face `transformers` SigLIP / SigLIP2 safetensors checkpoint."""
+def load_hf(path_or_dir: str, *, allow_nonfinite: bool = False,
+            **overrides) -> tuple[two_towers.Model, dict]:
+  """Loads a Hugging Face `transformers` SigLIP / SigLIP2 safetensors checkpoint.
+
+  NaN / Inf tensors raise a CheckpointError naming them (as big_vision keys)
+  unless `allow_nonfinite=True`.
+  """
   from s2d_jax.models import hf  # pylint: disable=import-outside-toplevel
-  return build(hf.load_hf_params(path_or_dir), **overrides)
+  return build(hf.load_hf_params(path_or_dir, allow_nonfinite=allow_nonfinite),
+               **overrides)

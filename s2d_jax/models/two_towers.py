@@ -116,18 +116,20 @@ def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, t: jax.Array,
 
 
 def load(init_params: Any, init_file: str, model_cfg: Any = None,
-         dont_load=()) -> dict:
+         dont_load=(), *, allow_nonfinite: bool = False) -> dict:
   """Params of a two-towers model from a big_vision SigLIP npz (big_vision API).
 
   As `vit.load` for each tower: the layout of `img/` and `txt/` is converted to
   `model_cfg['image' | 'text']['scan']`, the image position embedding resampled to
   `init_params`', and `dont_load` regexes (full match on 'img/head/kernel'-style
-  paths) keep `init_params`' values. Returns host numpy arrays.
+  paths) keep `init_params`' values. NaN / Inf params in the file raise a
+  CheckpointError naming them, unless `allow_nonfinite=True`. Returns host numpy
+  arrays.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   from s2d_jax.models import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   cfg = dict(model_cfg or {})
-  params = dict(ckpt_lib.load_params(init_file))
+  params = dict(ckpt_lib.load_params(init_file, allow_nonfinite=allow_nonfinite))
   for tower, key in (("img", "image"), ("txt", "text")):
     if tower in params:
       scan = bool(dict(cfg.get(key) or {}).get("scan", False))

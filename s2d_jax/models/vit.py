@@ -334,7 +334,7 @@ def Model(num_classes: Optional[int] = None, *, variant: Optional[str] = None,
 
 
 def load(init_params: Any, init_file: str, model_cfg: Any = None,
-         dont_load: Sequence[str] = ()) -> dict:
+         dont_load: Sequence[str] = (), *, allow_nonfinite: bool = False) -> dict:
   """Params of a ViT from a big_vision npz, merged into `init_params` (big_vision API).
 
   `init_file` is a ViT npz or a two-towers (SigLIP) npz, whose image tower `img/` is
@@ -345,10 +345,12 @@ def load(init_params: Any, init_file: str, model_cfg: Any = None,
   value from `init_params` (e.g. `head/.*` for a new classifier head). Every other
   leaf of `init_params` must be in the file with the same shape: a CheckpointError
   names the missing, unexpected or reshaped key. `init_params` may be abstract
-  (`jax.ShapeDtypeStruct`s) when nothing is excluded. Returns host numpy arrays.
+  (`jax.ShapeDtypeStruct`s) when nothing is excluded. Params of the file holding
+  NaN / Inf raise a CheckpointError naming them, unless `allow_nonfinite=True`.
+  Returns host numpy arrays.
   """
   from s2d_jax.models import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  params = ckpt_lib.load_params(init_file)
+  params = ckpt_lib.load_params(init_file, allow_nonfinite=allow_nonfinite)
   if "img" in params:
     params = params["img"]
   elif not ("embedding" in params and "Transformer" in params):
