@@ -80,7 +80,7 @@ def main(argv=None):
   float_step = step(model.apply)
   results = {}
   for method in [m for m in args.methods.split(",") if m]:
-    name = f"{method}/{args.bits}"
+    name = ptq.setting_name(method, args.bits)   # GPTQ: W<w>A16
     try:
       t0 = time.perf_counter()
       qapply, qvars = ptq.quantize(model.apply, variables, calib, name)

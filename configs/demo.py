@@ -74,8 +74,6 @@ from s2d_jax import ptq
 
 # PCDR threshold for the demo (paper: 0.95); see the module docstring.
 TAU = 0.5
-# Weight-only PTQ methods (activations stay float): evaluated at W<bits>A16.
-WEIGHT_ONLY = ('GPTQ',)
 # The fine-tuning label: the shape's colour (12 classes, the `color` feature).
 LABEL = 'copy(inkey="color", outkey="label")'
 
@@ -147,7 +145,7 @@ def get_config(arg=None):
                    f'|{LABEL}|keep("image","label")')
   c.evaluate.batch_size = z['eval_batch']
   c.evaluate.settings = z['settings'] + tuple(
-      f'{m}/{b.split("A")[0]}A16' if m in WEIGHT_ONLY else f'{m}/{b}'
+      ptq.setting_name(m, b)   # weight-only methods (GPTQ) at W<bits>A16
       for b in z['ptq_bits'] + (('W6A6',) if arg.ptq_w6a6 else ())
       for m in ptq_methods(arg.ptq))
   c.evaluate.calib_batches = 2

@@ -10,6 +10,7 @@ import pytest
 
 import ptq_fixtures as F
 from s2d_jax import intercept
+from s2d_jax import ptq
 from s2d_jax.ptq import ops
 from s2d_jax.ptq import quantizers as Q
 
@@ -257,3 +258,14 @@ def test_intercept_record_and_run_merge_repeated_calls():
   out2, none = intercept.run(m.apply, v, passthrough, a, b, collection=None)
   assert none == {}
   np.testing.assert_array_equal(out2[0], out[0])
+
+
+def test_setting_names_and_weight_only_methods():
+  assert ptq.setting_name("RepQ-ViT", "W4A4") == "RepQ-ViT/W4A4"
+  assert ptq.setting_name("GPTQ", "W4A4") == "GPTQ/W4A16"      # weights only
+  assert ptq.parse_name("GPTQ/W4A16").a_bits == 16
+  assert ptq.is_ptq_name("ERQ/W4A4") and not ptq.is_ptq_name("W4A4-static")
+  with pytest.raises(ValueError, match="unknown method 'Nope'"):
+    ptq.setting_name("Nope", "W4A4")
+  with pytest.raises(ValueError, match="W4X4"):
+    ptq.setting_name("ERQ", "W4X4")

@@ -53,6 +53,21 @@ METHODS: dict[str, str] = {
     "GPTQ": "gptq",   # weight-only baseline (e.g. "GPTQ/W4A16"), ERQ's Wqer machinery
 }
 
+# Methods that quantize weights only: their settings are "METHOD/W<w>A16".
+WEIGHT_ONLY: frozenset[str] = frozenset({"GPTQ"})
+
+
+def setting_name(method: str, bits: str) -> str:
+  """``"METHOD/WxAy"`` for ``bits`` ``"WxAy"``; weight-only methods get ``A16``
+  (``setting_name("GPTQ", "W4A4") == "GPTQ/W4A16"``)."""
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
+  m = _BITS_RE.match(bits)
+  if not m:
+    raise ValueError(f"bits must look like 'W4A4', got {bits!r}")
+  return f"{method}/W{m.group(1)}A16" if method in WEIGHT_ONLY else f"{method}/{bits}"
+
+
 _BITS_RE = re.compile(r"^W(\d+)A(\d+)$")
 
 
