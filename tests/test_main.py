@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from s2d_jax import comparison
 from s2d_jax import config_utils
 from s2d_jax import main
 from s2d_jax import train
@@ -30,7 +31,7 @@ def test_aggregate_mean_std_delta_and_layers():
   reports = {'AdamW': [_report(acc(0.9, 0.8), 10.0, 4.0), _report(acc(0.8, 0.6), 20.0, 6.0)],
              'AdamW+S2D': [_report(acc(0.9, 0.9), 5.0, 2.0, 0.1),
                            _report(acc(0.7, 0.6), 7.0, 3.0, 0.3)]}
-  res = main.aggregate(_report(acc(0.1, 0.1), 30.0, 8.0, 0.7), reports,
+  res = comparison.aggregate(_report(acc(0.1, 0.1), 30.0, 8.0, 0.7), reports,
                        ['float', 'W4A4-static'], [3, 4])
   assert res['seeds'] == [3, 4] and res['settings'] == ['float', 'W4A4-static']
   a = res['runs']['AdamW']['accuracy']['W4A4-static']
@@ -49,12 +50,12 @@ def test_aggregate_mean_std_delta_and_layers():
   assert k['start'] == dict(sigma_max=8.0, pcdr1=0.7)
   assert k['AdamW+S2D']['pcdr1']['mean'] == pytest.approx(0.2)
   assert 'head' not in res['kernels']   # the start model's head is a new zero head
-  head = main.headline(res)
+  head = comparison.headline(res)
   assert head['start']['sigma_max'] == 8.0 and head['AdamW']['sigma_max'] == 5.0
   assert head['AdamW+S2D']['max_abs'] == pytest.approx(6.0)
-  table = main.format_table(res)
+  table = comparison.format_table(res)
   assert '| W4A4-static' in table and '70.00 ± 14.14' in table and '+5.00' in table
-  layers = main.format_layers(res)
+  layers = comparison.format_layers(res)
   assert ('| Transformer/encoderblock_0/MlpBlock_0/Dense_1/input | 30.0 → 15.0 → 6.0 | '
           '300 → 150 → 60 | 3 → 3 → 3 |') in layers
   assert ('| Transformer/encoderblock_0/MlpBlock_0/Dense_0 | 8.00 → 5.00 → 2.50 | '
@@ -62,7 +63,7 @@ def test_aggregate_mean_std_delta_and_layers():
 
 
 def test_mean_std_one_seed_has_zero_std():
-  assert main.mean_std([0.5]) == dict(per_seed=[0.5], mean=0.5, std=0.0)
+  assert comparison.mean_std([0.5]) == dict(per_seed=[0.5], mean=0.5, std=0.0)
 
 
 def test_default_start_is_the_shipped_npz(tmp_path):
