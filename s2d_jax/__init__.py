@@ -10,8 +10,12 @@ orchestration (`config_utils` + `config_schema`, `tasks`, `parallel`, `train`,
 `checkpointing`, `metrics`, `evaluate`, `report`, `plots`; `python -m s2d_jax.main`).
 """
 
-from s2d_jax import _lazy
-from s2d_jax.optim import S2DState
+from s2d_jax import _xla_cpu
+
+_xla_cpu.apply()   # before anything creates a backend: see s2d_jax/_xla_cpu.py
+
+from s2d_jax import _lazy  # pylint: disable=g-import-not-at-top,wrong-import-position
+from s2d_jax.optim import S2DState  # pylint: disable=wrong-import-position
 from s2d_jax.optim import find_s2d_state
 from s2d_jax.optim import s2d
 from s2d_jax.optim import s2d_adamw

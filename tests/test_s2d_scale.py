@@ -6,7 +6,10 @@ many distinct compiled kernels the S2D update has (XLA compiles identical fused
 computations once), and how large its collectives are under FSDP.
 """
 
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -173,3 +176,35 @@ def test_strategies_agree_with_each_other_and_svd():
       np.testing.assert_allclose(got, ref, atol=2e-5, err_msg=f"{strategy} {name}")
   with pytest.raises(ValueError, match="strategy"):
     optim.s2d(strategy="fast")
+
+
+_S16_UPDATE = r"""
+import os, sys
+import s2d_jax                                   # adds the XLA:CPU flag (s2d_jax/_xla_cpu.py)
+import jax, jax.numpy as jnp, numpy as np
+from s2d_jax import optim
+from s2d_jax.models import vit
+assert s2d_jax._xla_cpu.FLAG + "=false" in os.environ["XLA_FLAGS"]
+model = vit.Model(1000, variant="S/16", pool_type="map", scan=False)
+shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+rng = np.random.default_rng(0)
+params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype),
+                      shapes["params"])
+tx = optim.s2d(k=3)
+upd = jax.jit(tx.update)
+state = tx.init(params)
+for _ in range(2):
+  u, state = upd(params, state, params)
+  jax.block_until_ready(u)
+print("ok")
+"""
+
+
+def test_k3_update_on_vit_s16_does_not_deadlock_xla_cpu():
+  """The reproduction of s2d_jax/_xla_cpu.py: without the flag this compiled update
+  never finishes on XLA:CPU (jax 0.10.2); with it (added by `import s2d_jax`) it runs."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  out = subprocess.run([sys.executable, "-c", _S16_UPDATE], env=env, capture_output=True,
+                       text=True, timeout=600, check=False)
+  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
