@@ -91,6 +91,15 @@ def test_s2d_lowers_sigma_max(data_dir, tmp_path):
   assert all(lower), {k: (sb[k], ss[k]) for k in enc}
   recs = metrics.read_metrics(os.path.join(tmp_path, 's2d', 'metrics.jsonl'))
   assert recs[-1]['s2d_active'] > 0          # tau ~ 0: k = 1 for every kernel
+  # decoupled S2D through the trainer: chain(adamw, s2d(decoupled, lr schedule)); each
+  # step shrinks sigma_i by about lr_t * strength * sigma_i^2 after Adam
+  dec = train.train(
+      _config(data_dir, **kw, **{'s2d.enabled': True, 's2d.decoupled': True,
+                                 's2d.strength': 50.0, 's2d.tau': 1e-6,
+                                 's2d.refresh_every': 5}),
+      str(tmp_path / 'dec'), echo=False)
+  sd = _sigmas(dec['params'])
+  assert all(sd[k] < sb[k] for k in enc), {k: (sb[k], sd[k]) for k in enc}
 
 
 def test_qat_runs_and_changes_the_forward(data_dir, tmp_path):
