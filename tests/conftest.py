@@ -12,3 +12,16 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import jax  # noqa: E402  (after the flags above)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """A tfds data_dir holding the embedded demo dataset at size 'tiny' (built once per
+  test process; modules that need other datasets define their own `data_dir`)."""
+  from s2d_jax.data import demo  # pylint: disable=g-import-not-at-top
+  d = str(tmp_path_factory.mktemp("tfds"))
+  demo.build(d, "tiny")
+  return d

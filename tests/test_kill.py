@@ -10,7 +10,6 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 from s2d_jax import checkpointing
 from s2d_jax import config_utils as cu
@@ -21,14 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 OVERRIDES = {'total_steps': STEPS, 'ckpt_every': 2, 'log_every': 1,
              'evaluate.enabled': False, 'export_npz': False}
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  from s2d_jax.data import demo
-  d = str(tmp_path_factory.mktemp('tfds'))
-  demo.build(d, 'tiny')
-  return d
 
 
 def _config(data_dir):

@@ -20,14 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, 'configs', 'demo.py')
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  from s2d_jax.data import demo
-  d = str(tmp_path_factory.mktemp('tfds'))
-  demo.build(d, 'tiny')
-  return d
-
-
 def _config(data_dir, **kw):
   c = cu.load_config(f'{DEMO}:size=tiny,data_dir={data_dir}')
   c.evaluate.enabled = False
