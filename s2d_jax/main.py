@@ -194,10 +194,11 @@ def run(workdir: str, size: str = 'default', pretrain: bool = False,
                     batch=int(cfg.input.batch_size)))
   table = comparison.format_table(results)
   head = comparison.format_headline(results['headline'])
-  paths = plots.save_comparison(
-      {n: r[0] for n, r in reports.items()},
-      {n: {s: a['mean'] for s, a in results['runs'][n]['accuracy'].items()}
-       for n in results['runs']}, settings, os.path.join(workdir, 'plots'))
+  paths = plots.save_results(
+      results, os.path.join(workdir, 'plots'),
+      metrics={name: {s: os.path.join(workdir, sub, f'seed{s}', 'metrics.jsonl')
+                      for s in seed_list} for name, sub, _ in RUNS})
+  _log('plots: ' + ', '.join(paths))
   results = report.jsonable(results)
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=1)

@@ -107,7 +107,8 @@ def test_main_job_tiny_end_to_end(tmp_path):
   assert saved['layers'][layer]['start']['max_abs'] == start['layers'][layer]['max_abs']
   assert all(saved['versions'][k] for k in ('jax', 'flax', 'optax', 'tensorflow'))
   assert saved['cpu_s'] > 0 and saved['wall_s'] > 0
-  for name in ('accuracy.png', 'max_act.png', 'kurtosis.png', 'sigma_max.png'):
+  for name in ('accuracy_drop.png', 'layers.png', 'kernels.png',
+               'sigma_over_steps.png'):
     assert os.path.getsize(os.path.join(wd, 'plots', name)) > 0
   table = open(os.path.join(wd, 'results.md')).read()
   assert out['table'] in table and 'W4A4-static' in table and 'σ_max' in table
