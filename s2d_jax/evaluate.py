@@ -566,8 +566,9 @@ def prepare_inputs(config, num_devices: int | None = None):
   dataset and split exist (`evaluate.data`); the preprocessing builds and yields
   'image' and 'label' (`evaluate.pp`); PTQ settings: the calibration split
   (`input.data`) holds at least `evaluate.calib_images` examples; zero-shot: the
-  tokenizer loads (`evaluate.tokenizer`) and class names are known
-  (`evaluate.classnames` or the dataset's 'label' names). Returns this process's
+  tokenizer loads (`evaluate.tokenizer`), its vocabulary is the text tower's
+  (`model.text.vocab_size`) and class names are known (`evaluate.classnames` or
+  the dataset's 'label' names). Returns this process's
   evaluation data (nothing is read yet). The trainer calls it before its first step.
   """
   from s2d_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -611,18 +612,38 @@ def prepare_inputs(config, num_devices: int | None = None):
           "examples")
   if ev.kind == "zeroshot":
     from s2d_jax.models import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+    tok_kw = dict(ev.get("tokenizer") or {})
     try:
-      tok_lib.Tokenizer(**dict(ev.get("tokenizer") or {}))
+      tok = tok_lib.Tokenizer(**tok_kw)
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"config.evaluate.tokenizer={ev.get('tokenizer')!r}: "
+      raise ValueError(f"config.evaluate.tokenizer={tok_kw!r}: "
                        f"{type(e).__name__}: {e}") from None
+    _check_vocab_size(config, tok, tuple(ds.element_spec["image"].shape[1:]))
     if ev.get("classnames") is None:
-      label = input_pipeline.get_info(ev.data.name, data_dir).features.get("label")
+      features = input_pipeline.get_info(ev.data.name, data_dir).features
+      label = features["label"] if "label" in features.keys() else None
       if not getattr(label, "names", None):
         raise ValueError(
             f"config.evaluate.classnames: not set, and dataset {ev.data.name!r} has "
             "no 'label' class names to take them from")
   return ds, nb
+
+
+def _check_vocab_size(config, tok, image_shape) -> None:
+  """The tokenizer's pieces must be the text tower's vocabulary (its embedding
+  rows): other ids would silently pick wrong (or, past the end, clamped)
+  embeddings. Shapes only: nothing is computed."""
+  task = tasks.get(config)
+  abstract = _abstract_params(config, task, task.build(config), image_shape)
+  rows = [x.shape[0] for p, x in jax.tree_util.tree_flatten_with_path(
+      abstract.get("txt", {}))[0]
+          if getattr(p[-1], "key", None) == "embedding" and len(x.shape) == 2]
+  if rows and rows[0] != tok.vocab_size:
+    raise ValueError(
+        f"config.evaluate.tokenizer: the SentencePiece model {tok.path!r} has "
+        f"{tok.vocab_size} pieces but the text tower's vocabulary "
+        f"(config.model.text.vocab_size) is {rows[0]}: use the tokenizer the text "
+        "tower was trained with")
 
 
 def check_writable(workdir: str) -> None:
