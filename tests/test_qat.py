@@ -33,6 +33,7 @@ from s2d_jax import train
 from s2d_jax.models import siglip
 
 from test_exact_references import _first_clear_seed, _qat_case
+from test_resume import tb_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, 'configs', 'demo.py')
@@ -165,7 +166,8 @@ def static_runs(data_dir, tmp_path_factory, compile_cache, init_npz):
 
 
 def _assert_same_run(full, resumed, wd):
-  """Params bit for bit; each step logged once with the uninterrupted values."""
+  """Params bit for bit; each step logged once with the uninterrupted values, in
+  metrics.jsonl and in TensorBoard's event files."""
   for a, b in zip(jax.tree.leaves(jax.device_get(full['params'])),
                   jax.tree.leaves(jax.device_get(resumed['params']))):
     np.testing.assert_array_equal(a, b)
@@ -174,6 +176,12 @@ def _assert_same_run(full, resumed, wd):
   assert [r['step'] for r in got] == [1, 2, 3, 4]
   for r, w in zip(got, want):
     assert {k: r[k] for k in LOGGED} == {k: w[k] for k in LOGGED}, r['step']
+  tb = [(t, s, v) for t, s, v in tb_scalars(os.path.join(wd, 'tensorboard'))
+        if t in LOGGED]
+  assert len(tb) == len({(t, s) for t, s, _ in tb}) == 4 * len(LOGGED)
+  assert sorted(tb) == sorted(
+      (t, s, v) for t, s, v in tb_scalars(os.path.join(full['workdir'], 'tensorboard'))
+      if t in LOGGED)
 
 
 def test_static_qat_ranges_are_the_min_max_of_batch_0(data_dir, static_runs,
