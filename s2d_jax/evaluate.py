@@ -650,23 +650,46 @@ def check_writable(workdir: str) -> None:
   """Raises OSError naming `workdir` unless process 0 can create files in it.
 
   Runs before any work, so that a read-only workdir does not cost a whole
-  evaluation; every process gets the answer (process 0 writes the report).
+  evaluation; every process gets the answer (process 0 writes the report). Local
+  paths: the directory is created and a temporary file created and removed;
+  remote paths (`gs://`, anything with `://`): the same through `tf.io.gfile`
+  (makedirs, a small file written, closed and deleted), so a bucket without write
+  permission fails here, not after the evaluation.
   """
   ok, why = True, ""
-  if jax.process_index() == 0 and "://" not in workdir:
+  if jax.process_index() == 0:
     try:
-      os.makedirs(workdir, exist_ok=True)
-      fd, tmp = tempfile.mkstemp(prefix=".write_check_", dir=workdir)
-      os.close(fd)
-      os.remove(tmp)
+      if "://" in workdir:
+        _probe_remote(workdir)
+      else:
+        os.makedirs(workdir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write_check_", dir=workdir)
+        os.close(fd)
+        os.remove(tmp)
     except OSError as e:
-      ok, why = False, f"{type(e).__name__}: {e.strerror or e}"
+      ok, why = False, (str(e) if "://" in workdir else
+                        f"{type(e).__name__}: {e.strerror or e}")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     ok = bool(multihost_utils.broadcast_one_to_all(np.asarray(ok)))
   if not ok:
     raise OSError(f"--workdir {workdir!r} is not writable ({why or 'on process 0'}): "
                   "report.json and plots/ go there; pick another --workdir")
+
+
+def _probe_remote(workdir: str) -> None:
+  """Creates `workdir` and a small file in it through tf.io.gfile, then deletes
+  the file; TensorFlow's errors come back as OSError naming their class."""
+  import uuid  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  probe = workdir.rstrip("/") + f"/.write_check_{uuid.uuid4().hex}"
+  try:
+    tf.io.gfile.makedirs(workdir)
+    with tf.io.gfile.GFile(probe, "w") as f:
+      f.write("s2d_jax write check\n")
+    tf.io.gfile.remove(probe)
+  except tf.errors.OpError as e:
+    raise OSError(f"{type(e).__name__}: {e.message}") from None
 
 
 def calibration_images(config, n: int) -> np.ndarray:

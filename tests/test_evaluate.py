@@ -474,3 +474,34 @@ def test_cli_checks_before_work_and_checkpoint_against_model(tmp_path, capsys):
   assert rep["counts"]["float"] == {"correct": 0, "total": 21, "nonfinite": 21}
   assert "(!)" in capsys.readouterr().out
   assert json.load(open(nan_run / "report.json"))["counts"]["float"]["nonfinite"] == 21
+
+
+def test_check_writable_probes_remote_workdirs(data_dir, monkeypatch):
+  """`://` workdirs are probed through tf.io.gfile (on main they were not checked,
+  so an unwritable bucket failed after the whole evaluation): TF's in-memory
+  `ram://` filesystem passes and keeps no probe file; a bucket that refuses writes
+  (tf.io.gfile replaced by one answering 403) fails naming the workdir and TF's
+  error, and `evaluate` stops there, before the model is loaded."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from s2d_jax import config_utils
+  ev.check_writable("ram://s2d_write_check/run")
+  assert tf.io.gfile.listdir("ram://s2d_write_check/run") == []
+  made = []
+  monkeypatch.setattr(tf.io.gfile, "makedirs", made.append)
+
+  def denied(path, mode):
+    raise tf.errors.PermissionDeniedError(None, None, f"{path} ({mode}): 403 Forbidden")
+  monkeypatch.setattr(tf.io.gfile, "GFile", denied)
+  msg = (r"--workdir 'gs://bucket/run' is not writable \(PermissionDeniedError: "
+         r"gs://bucket/run/\.write_check_\w+ \(w\): 403 Forbidden\)")
+  with pytest.raises(OSError, match=msg):
+    ev.check_writable("gs://bucket/run")
+  assert made == ["gs://bucket/run"]
+
+  def no_work(*a, **k):
+    raise AssertionError("the model was loaded before the workdir check")
+  monkeypatch.setattr(ev, "load_model", no_work)
+  c = config_utils.load_config(f"demo:size=tiny,data_dir={data_dir}")
+  c.evaluate.settings = ("float",)
+  with pytest.raises(OSError, match=msg):
+    ev.evaluate(c, "gs://bucket/run")
