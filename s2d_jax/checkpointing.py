@@ -36,7 +36,7 @@ line and exit 1.
 its `checkpoints` directory, or one step directory: as host numpy arrays, or with
 `mesh` as global arrays split over it by the FSDP rule (`s2d_jax.parallel`), each
 process reading only its own shards (multi-host evaluation of a sharded model without
-gathering it on a host); evaluate.py uses it without importing the trainer.
+gathering it on a host); eval_setup.py uses it without importing the trainer.
 """
 
 from __future__ import annotations

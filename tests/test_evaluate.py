@@ -1,4 +1,5 @@
-"""The evaluator (s2d_jax/evaluate.py: jit over the global mesh), PTQ setting names,
+"""The evaluator (s2d_jax/evaluator.py: jit over the global mesh; s2d_jax/eval_setup.py
+and s2d_jax/evaluate.py: the checks before work and the CLI), PTQ setting names,
 and the report (s2d_jax/report.py: report.json, table, plots)."""
 
 import json
@@ -9,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from s2d_jax import eval_setup
 from s2d_jax import evaluate as ev
+from s2d_jax import evaluator
 from s2d_jax import parallel
 from s2d_jax import ptq
 from s2d_jax import quant_model as qm
@@ -211,7 +214,8 @@ def test_ptq_setting_names(setup, fake_ptq):
 
 def test_pad_batch_and_errors(setup):
   model, variables, x, y = setup
-  b = ev._pad_batch({"image": x[:3], "label": y[:3]}, 8)
+  b = evaluator._pad_batch(  # pylint: disable=protected-access
+      {"image": x[:3], "label": y[:3]}, 8)
   assert b["image"].shape[0] == 8 and b["_mask"].tolist() == [1, 1, 1] + [0] * 5
   with pytest.raises(ValueError, match="batch size 6 does not divide among 4 devices"):
     ev.evaluate_model(model.apply, variables, [{"image": x[:6], "label": y[:6]}],
@@ -500,7 +504,7 @@ def test_check_writable_probes_remote_workdirs(data_dir, monkeypatch):
 
   def no_work(*a, **k):
     raise AssertionError("the model was loaded before the workdir check")
-  monkeypatch.setattr(ev, "load_model", no_work)
+  monkeypatch.setattr(eval_setup, "load_model", no_work)
   c = config_utils.load_config(f"demo:size=tiny,data_dir={data_dir}")
   c.evaluate.settings = ("float",)
   with pytest.raises(OSError, match=msg):

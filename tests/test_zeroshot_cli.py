@@ -21,6 +21,7 @@ import sentencepiece as spm
 import tensorflow_datasets as tfds
 
 from s2d_jax import config_utils as cu
+from s2d_jax import eval_setup
 from s2d_jax import evaluate
 from s2d_jax import tasks
 from s2d_jax.data import demo
@@ -159,7 +160,7 @@ def test_missing_tokenizer_or_another_vocabulary_is_refused_before_work(
   s = setup
   def no_work(*a, **k):
     raise AssertionError('the model was loaded before the input checks')
-  monkeypatch.setattr(evaluate, 'load_model', no_work)
+  monkeypatch.setattr(eval_setup, 'load_model', no_work)
   c = cu.load_config(f'{s["cfg"]}:{s["arg"]}')
   c.evaluate.tokenizer.model = str(tmp_path / 'missing.model')
   with pytest.raises(ValueError, match=r'config\.evaluate\.tokenizer=.*FileNotFound'
