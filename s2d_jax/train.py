@@ -64,6 +64,7 @@ resumed static-QAT run equals the uninterrupted one bit for bit, as dynamic
 settings do (recalibrating on resume, as before, would use the restored params and
 change the ranges). Resuming with another `qat.setting` (or QAT switched on / off)
 is refused before the workdir is touched.
+
 `train_and_evaluate` adds the evaluation (`s2d_jax.evaluate`, WORKDIR/report.json).
 """
 
