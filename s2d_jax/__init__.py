@@ -7,7 +7,8 @@ Submodules (imported on first use, so `import s2d_jax` stays light): the method
 (`spectral`, `optim`, `pcdr`), quantization and statistics (`capture`, `quant`,
 `quant_model`, `ptq`, `outliers`), models and data (`models`, `data`), and the
 orchestration (`config_utils` + `config_schema`, `tasks`, `parallel`, `train`,
-`checkpointing`, `metrics`, `evaluate`, `report`, `plots`; `python -m s2d_jax.main`).
+`checkpointing`, `metrics`, `evaluate` + `eval_setup` + `evaluator`, `report`, `plots`;
+`python -m s2d_jax.main`).
 """
 
 from s2d_jax import _xla_cpu
@@ -25,7 +26,8 @@ from s2d_jax.optim import sigma_estimates
 __version__ = "0.1.0"
 
 _SUBMODULES = ("spectral", "optim", "pcdr", "capture", "quant", "quant_model",
-               "outliers", "ptq", "evaluate", "report", "plots", "train",
+               "outliers", "ptq", "evaluate", "eval_setup", "evaluator", "report",
+               "plots", "train",
                "checkpointing", "config_utils", "config_schema", "tasks", "parallel",
                "metrics", "models", "data")
 

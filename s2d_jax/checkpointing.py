@@ -5,7 +5,10 @@ Layout (one orbax `CheckpointManager` under `WORKDIR/checkpoints`):
     WORKDIR/checkpoints/<step>/params/      StandardSave of the params pytree
     WORKDIR/checkpoints/<step>/opt_state/   StandardSave of the optimizer state (S2D
                                             bases, Adam moments, counts, active k ...)
-    WORKDIR/checkpoints/<step>/meta/        JSON: step, data position, model fingerprint
+    WORKDIR/checkpoints/<step>/extra/       StandardSave of the rest of the training
+                                            state, when the run has one (the trainer:
+                                            static-QAT activation ranges)
+    WORKDIR/checkpoints/<step>/meta/        JSON: step, data position, fingerprints
 
 Orbax writes each step into a temporary directory and renames it when complete, so a
 crash while saving never leaves a step directory that `latest_step` would pick up:
@@ -13,13 +16,14 @@ after a crash, training resumes from the last *complete* checkpoint. Saving is
 synchronous (`enable_async_checkpointing=False`): when `save` returns, the step is on
 disk. The `max_to_keep` newest steps are kept.
 
-The *fingerprints* are `{'/'.join(path): [shape..., dtype]}` of the params and of the
-optimizer state, stored in the meta of every step; before anything is restored they
-are compared with the model and optimizer being set up, and a checkpoint written for
-another model or optimizer (S2D on/off, another K_max, gradient clipping on/off ...)
-raises `IncompatibleCheckpointError` (a ValueError) naming the first differing key
-and both shapes (plus the caller's `hint`: the trainer says which config keys
-changed).
+The *fingerprints* are `{'/'.join(path): [shape..., dtype]}` of the params, of the
+optimizer state and of the extra state (when saved), stored in the meta of every
+step; before anything is restored they are compared with the model, optimizer and
+extra state being set up, and a checkpoint written for another model or optimizer
+(S2D on/off, another K_max, gradient clipping on/off ...) or with another extra state
+(static-QAT ranges present in one and not the other) raises
+`IncompatibleCheckpointError` (a ValueError) naming the first differing key and both
+shapes (plus the caller's `hint`: the trainer says which config keys changed).
 
 A *damaged* step (a data file deleted or truncated, garbage in a meta file, a
 half-copied directory) raises `DamagedCheckpointError` with one message naming the
@@ -32,7 +36,7 @@ line and exit 1.
 its `checkpoints` directory, or one step directory: as host numpy arrays, or with
 `mesh` as global arrays split over it by the FSDP rule (`s2d_jax.parallel`), each
 process reading only its own shards (multi-host evaluation of a sharded model without
-gathering it on a host); evaluate.py uses it without importing the trainer.
+gathering it on a host); eval_setup.py uses it without importing the trainer.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ import orbax.checkpoint as ocp
 from s2d_jax import config_utils
 
 CKPT_SUBDIR = 'checkpoints'
-_ITEMS = ('params', 'opt_state', 'meta')
+_ITEMS = ('params', 'opt_state', 'meta', 'extra')
 
 
 class DamagedCheckpointError(config_utils.RunError):
@@ -84,12 +88,14 @@ def fingerprint(params) -> dict[str, list]:
 def compare_fingerprints(expected: Mapping[str, list], found: Mapping[str, list],
                          where: str, *, what: str = 'model', hint: str = '') -> None:
   """Raises IncompatibleCheckpointError (a ValueError) naming the first key that is
-  missing, extra or reshaped; `what` names the tree ('model', 'optimizer'), `hint`
-  is appended to the message after '; '. Dtypes may differ (a cast on restore)."""
+  missing, extra or reshaped; `what` names the tree ('model', 'optimizer',
+  'training state'), `hint` is appended to the message after '; '. Dtypes may
+  differ (a cast on restore)."""
   missing = sorted(set(expected) - set(found))
   extra = sorted(set(found) - set(expected))
   tail = f'; {hint}' if hint else ''
-  noun = 'params' if what == 'model' else f'{what} state entries'
+  noun = {'model': 'params', 'optimizer': 'optimizer state entries'}.get(
+      what, f'{what} entries')
   if missing or extra:
     raise IncompatibleCheckpointError(
         f'{where} was written for another {what}: {noun} missing from it: '
@@ -130,6 +136,7 @@ def _handlers():
       'params': ocp.StandardCheckpointHandler(),
       'opt_state': ocp.StandardCheckpointHandler(),
       'meta': ocp.JsonCheckpointHandler(),
+      'extra': ocp.StandardCheckpointHandler(),
   }
 
 
@@ -167,21 +174,26 @@ class Checkpointer:
     return list(self._mngr.all_steps())
 
   def save(self, step: int, params, opt_state, meta: Mapping[str, Any] | None = None,
-           ) -> None:
-    """Writes step `step` (params, opt_state, JSON meta incl. both fingerprints).
+           *, extra=None) -> None:
+    """Writes step `step` (params, opt_state, JSON meta incl. the fingerprints).
 
-    `meta` must be JSON-serialisable (data position, rng seed, config ...). Returns
+    `meta` must be JSON-serialisable (data position, rng seed, config ...). `extra`
+    (a pytree of arrays, or None) is the rest of the training state that a resumed
+    run needs bit for bit (the trainer: the static-QAT activation ranges). Returns
     when the checkpoint is complete on disk.
     """
     meta = dict(meta or {})
     meta['step'] = int(step)
     meta['fingerprint'] = fingerprint(params)
     meta['opt_fingerprint'] = fingerprint(opt_state)
+    items = dict(params=ocp.args.StandardSave(params),
+                 opt_state=ocp.args.StandardSave(_wrap(opt_state)))
+    if extra is not None:
+      meta['extra_fingerprint'] = fingerprint(extra)
+      items['extra'] = ocp.args.StandardSave(extra)
     json.dumps(meta)  # fail early (before writing) on non-JSON meta
     self._mngr.save(int(step), args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        opt_state=ocp.args.StandardSave(_wrap(opt_state)),
-        meta=ocp.args.JsonSave(meta)), force=True)
+        meta=ocp.args.JsonSave(meta), **items), force=True)
     self._mngr.wait_until_finished()
 
   def step_dir(self, step: int) -> str:
@@ -214,10 +226,12 @@ class Checkpointer:
     return meta
 
   def check_compatible(self, abstract_params, step: int | None = None, *,
-                       abstract_opt_state=None, hint: str = '',
+                       abstract_opt_state=None, abstract_extra=None,
+                       check_extra: bool = False, hint: str = '',
                        meta: Mapping[str, Any] | None = None) -> dict:
     """Checks a step's fingerprints against `abstract_params` (and, when given,
-    `abstract_opt_state`) before anything is restored; returns its meta.
+    `abstract_opt_state`; with `check_extra`, `abstract_extra`, None meaning the
+    run has no extra state) before anything is restored; returns its meta.
 
     `hint` is added to the error message (e.g. which config keys changed); `meta`
     skips reading it again.
@@ -225,28 +239,39 @@ class Checkpointer:
     meta = dict(meta) if meta is not None else self.read_meta(step)
     where = f'checkpoint {self.step_dir(meta["step"])}'
     check_fingerprints(meta, abstract_params, abstract_opt_state, where=where,
-                       hint=hint)
+                       hint=hint, abstract_extra=abstract_extra,
+                       check_extra=check_extra)
     return meta
 
-  def restore(self, abstract_params, abstract_opt_state, step: int | None = None):
-    """Restores (params, opt_state, meta) onto the shardings of the abstract trees.
+  def restore(self, abstract_params, abstract_opt_state, step: int | None = None,
+              *, abstract_extra=None):
+    """Restores (params, opt_state, meta) onto the shardings of the abstract trees;
+    with `abstract_extra` (the run has extra state, see `save`), (params,
+    opt_state, meta, extra).
 
     The abstract trees are pytrees of `jax.ShapeDtypeStruct` with `.sharding` (e.g.
     from `jax.eval_shape` + shardings), or concrete arrays; NamedTuple optimizer state
-    comes back with its original classes. Both fingerprints are checked first
-    (IncompatibleCheckpointError); unreadable files raise DamagedCheckpointError.
+    comes back with its original classes. All fingerprints are checked first
+    (IncompatibleCheckpointError: also when the step has extra state and
+    `abstract_extra` is None, or the other way round); unreadable files raise
+    DamagedCheckpointError.
     """
     step = self._resolve(step)
-    self.check_compatible(abstract_params, step, abstract_opt_state=abstract_opt_state)
+    self.check_compatible(abstract_params, step, abstract_opt_state=abstract_opt_state,
+                          abstract_extra=abstract_extra, check_extra=True)
     to_abs = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)
+    items = dict(params=ocp.args.StandardRestore(to_abs(abstract_params)),
+                 opt_state=ocp.args.StandardRestore(to_abs(_wrap(abstract_opt_state))),
+                 meta=ocp.args.JsonRestore())
+    if abstract_extra is not None:
+      items['extra'] = ocp.args.StandardRestore(to_abs(abstract_extra))
     try:
-      out = self._mngr.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(to_abs(abstract_params)),
-          opt_state=ocp.args.StandardRestore(to_abs(_wrap(abstract_opt_state))),
-          meta=ocp.args.JsonRestore()))
+      out = self._mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
       raise self.damaged(step, e) from None
-    return out['params'], out['opt_state']['state'], out['meta']
+    if abstract_extra is None:
+      return out['params'], out['opt_state']['state'], out['meta']
+    return out['params'], out['opt_state']['state'], out['meta'], out['extra']
 
   def _resolve(self, step):
     steps = self.all_steps()
@@ -264,11 +289,14 @@ class Checkpointer:
 
 
 def check_fingerprints(meta: Mapping[str, Any], abstract_params,
-                       abstract_opt_state=None, *, where: str, hint: str = '') -> None:
+                       abstract_opt_state=None, *, where: str, hint: str = '',
+                       abstract_extra=None, check_extra: bool = False) -> None:
   """Compares a step's stored fingerprints with the trees about to be restored.
 
   The optimizer state is compared when given and the meta has its fingerprint
-  (checkpoints written before it was stored have none). Raises
+  (checkpoints written before it was stored have none). With `check_extra` the
+  extra state is compared too, `abstract_extra=None` meaning "none" (a step
+  without extra state has the empty fingerprint). Raises
   IncompatibleCheckpointError naming the first differing key, plus `hint`.
   """
   compare_fingerprints(fingerprint(abstract_params), meta.get('fingerprint', {}),
@@ -276,6 +304,10 @@ def check_fingerprints(meta: Mapping[str, Any], abstract_params,
   if abstract_opt_state is not None and 'opt_fingerprint' in meta:
     compare_fingerprints(fingerprint(abstract_opt_state), meta['opt_fingerprint'],
                          where, what='optimizer', hint=hint)
+  if check_extra:
+    compare_fingerprints(
+        fingerprint(abstract_extra) if abstract_extra is not None else {},
+        meta.get('extra_fingerprint', {}), where, what='training state', hint=hint)
 
 
 def _find_ckpt_root(path: str) -> tuple[str, int | None]:

@@ -6,8 +6,14 @@ writes (multi-host runs log once). The JSONL file is opened in append mode and
 flushed after every record, so a resumed run continues the same file and a crash
 loses nothing already logged; a run that (re)starts from step N first drops the
 records of steps > N (logged after the checkpoint it resumes from) and a torn last
-line, so every step appears once (`keep_steps_upto`). The same scalars go to TensorBoard event files in
-`tb_dir` (`flax.metrics.tensorboard`; `tensorboard --logdir WORKDIR`).
+line, so every step appears once (`keep_steps_upto`). The same scalars go to
+TensorBoard event files in `tb_dir` (`flax.metrics.tensorboard`; `tensorboard
+--logdir WORKDIR`), one new file per (re)start; the events of steps > N are dropped
+from the earlier files in the same way (`keep_events_upto`: each file rewritten
+without them, atomically), so any reader of the files sees every step once.
+(TensorBoard's own remedy, a `SessionLog.START` event at step N + 1, is honoured
+only by its Python loader with `--purge_orphaned_data`; readers such as
+`tf.compat.v1.train.summary_iterator` or pandas exports would still see both.)
 
 Progress (`Chrono`, as big_vision's chrono): steps/s since the previous log line and
 an ETA from the average rate since the first step of this (re)start, which is left
@@ -48,7 +54,8 @@ class MetricWriter:
     stream: where the console line goes (default stdout); None = silent console.
     tb_dir: directory of the TensorBoard event files (None = no TensorBoard).
     start_step: the step this run starts from (0, or the checkpoint it resumed):
-      records of later steps already in the file are dropped (`keep_steps_upto`).
+      records and TensorBoard events of later steps already written are dropped
+      (`keep_steps_upto`, `keep_events_upto`).
   """
 
   def __init__(self, path: str, *, enabled: bool = True, stream=sys.stdout,
@@ -64,6 +71,8 @@ class MetricWriter:
         keep_steps_upto(path, start_step)
       self._f = open(path, 'a', encoding='utf-8')
       if tb_dir:
+        if start_step is not None:
+          keep_events_upto(tb_dir, start_step)
         from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
         self._tb = tensorboard.SummaryWriter(tb_dir)
 
@@ -178,6 +187,42 @@ def keep_steps_upto(path: str, step: int) -> int:
     with open(tmp, 'w', encoding='utf-8') as f:
       f.writelines(keep)
     os.replace(tmp, path)
+  return dropped
+
+
+def keep_events_upto(tb_dir: str, step: int) -> int:
+  """Drops the events of steps > `step` from the TensorBoard event files in `tb_dir`.
+
+  Every `*tfevents*` file (local or any `tf.io.gfile` path) that holds such an
+  event, or a last record torn by a kill (TFRecord framing: length, CRC, data,
+  CRC), is rewritten with the other records unchanged (a temporary file without
+  'tfevents' in its name, then renamed over it, so a reader never sees half a
+  file). Events without a step (the file-version header) have step 0 and stay.
+  Returns how many records were dropped; a missing directory is left missing.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  if not tf.io.gfile.isdir(tb_dir):
+    return 0
+  dropped = 0
+  for path in sorted(tf.io.gfile.glob(os.path.join(tb_dir, '*tfevents*'))):
+    keep, drop = [], 0
+    try:
+      for record in tf.data.TFRecordDataset(path):
+        raw = record.numpy()
+        if event_pb2.Event.FromString(raw).step <= int(step):
+          keep.append(raw)
+        else:
+          drop += 1
+    except tf.errors.DataLossError:   # a record torn by a kill: the file's end
+      drop += 1
+    if drop:
+      tmp = os.path.join(tb_dir, '.keep_events_upto.tmp')
+      with tf.io.TFRecordWriter(tmp) as w:
+        for raw in keep:
+          w.write(raw)
+      tf.io.gfile.rename(tmp, path, overwrite=True)
+      dropped += drop
   return dropped
 
 

@@ -34,14 +34,16 @@ Phases of `train` (each in one place):
    images, tokenizer) when it runs, the init npz read once and checked against the
    model and for NaN / Inf (`model_load.allow_nonfinite`), and the latest checkpoint:
    readable (else `DamagedCheckpointError` naming the step to fall back to) and
-   written for this model *and* optimizer (both fingerprints; else
+   written for this model, optimizer *and* QAT setting (the fingerprints of params,
+   optimizer state and extra state; `qat.enabled` / `qat.setting` unchanged; else
    `IncompatibleCheckpointError` saying what differs in config terms, e.g.
    "s2d is on now, off in checkpoint 200").
 2. `_restore_or_init`: resume from the latest checkpoint (params, optimizer state
-   incl. S2D bases, data position), or initialise (random, then `model_init`). Only
-   then is `config.json` written; "resuming from step N" is printed (with the config
-   keys that differ from the checkpoint's) and metrics.jsonl records of steps > N
-   are dropped, so no step is logged twice.
+   incl. S2D bases, static-QAT ranges, data position), or initialise (random, then
+   `model_init`; static QAT: ranges calibrated on batch 0). Only then is
+   `config.json` written; "resuming from step N" is printed (with the config keys
+   that differ from the checkpoint's) and the metrics.jsonl records and TensorBoard
+   events of steps > N are dropped, so no step is logged twice.
 3. the loop: one explicit `while`, logging (metrics.jsonl, TensorBoard, steps/s, ETA)
    and checkpoints every `ckpt_every` steps and at the end; a restarted run continues
    exactly (same data order, dropout keys and PCDR refresh steps). The first step
@@ -50,6 +52,19 @@ Phases of `train` (each in one place):
    diverged run stops with a `RunError` naming that step and the last good
    checkpoint (exit 1 from the CLI): no NaN checkpoint, no NaN params.npz.
 4. export: the final params as a big_vision npz (`WORKDIR/params.npz`, process 0).
+
+QAT (`config.qat`, classifiers): the forward pass is `quant_model.quantized_apply(
+..., ste=True)` (straight-through gradients through every weight and activation
+quantizer). A static setting (`W4A4-static`, ...) fixes its per-tensor activation
+ranges once, before step 0: one float pass (no dropout) of the *initial* params over
+training batch 0, the whole global batch (`qat_calibration_fn`: min-max ranges are
+the exact min / max over it). The ranges are training state: saved in every
+checkpoint (the `extra` item, with its fingerprint) and restored on resume, so a
+resumed static-QAT run equals the uninterrupted one bit for bit, as dynamic
+settings do (recalibrating on resume, as before, would use the restored params and
+change the ranges). Resuming with another `qat.setting` (or QAT switched on / off)
+is refused before the workdir is touched.
+
 `train_and_evaluate` adds the evaluation (`s2d_jax.evaluate`, WORKDIR/report.json).
 """
 
@@ -310,8 +325,64 @@ class _Setup:
   sched: Any
   abstract_opt: Any
   opt_sh: Any
+  qat_calib: Callable | None   # static QAT: jitted (params, batch) -> ranges
+  abstract_extra: Any          # {'qat_calibration': shapes} (static QAT) or None
   resume_step: int | None
   resume_changes: list   # config keys that differ from the resumed checkpoint's
+
+
+def qat_calibration_fn(config, task: tasks.Task, model, mesh) -> Callable | None:
+  """`(params, batch) -> ranges` of a static `config.qat.setting` (None otherwise).
+
+  One float forward pass (`train=False`: no dropout) over the global `batch`,
+  jitted over the mesh (`quant_model.calibration_apply`); the ranges
+  `{module path: {'quant_calib_<point>': (2,) = (lo, hi), or (depth, 2) scanned}}`
+  come back replicated. With the min-max calibrator, lo / hi are the exact min / max
+  of the operand over the whole global batch.
+  """
+  if not config.qat.enabled:
+    return None
+  setting = quant.get_setting(config.qat.setting)
+  if not setting.needs_calibration:
+    return None
+  cal = quant_model.calibration_apply(model.apply, setting)
+  return jax.jit(
+      lambda params, batch: cal({'params': params}, *task.model_inputs(batch),
+                                train=False),
+      out_shardings=parallel.replicated(mesh))
+
+
+def qat_apply_fn(config, model, calibration=None) -> Callable:
+  """The step's forward: `model.apply`, or under QAT its fake-quantized version
+  with straight-through gradients (static settings: with `calibration`)."""
+  if not config.qat.enabled:
+    return model.apply
+  return quant_model.quantized_apply(model.apply, config.qat.setting,
+                                     calibration=calibration, ste=True)
+
+
+def _check_qat_unchanged(config, meta: dict, step: int, where: str) -> None:
+  """Refuses to resume with another QAT quantizer than checkpoint `step`'s.
+
+  The quantizer (and a static setting's ranges) is part of the training state: a
+  run resumed with another one would not continue the checkpoint's run. Checkpoints
+  without a stored config are not checked.
+  """
+  then = meta.get('config')
+  if not isinstance(then, dict) or not isinstance(then.get('qat'), dict):
+    return
+  now = config_utils.config_as_json(config.qat)
+  key = lambda q: (bool(q.get('enabled')), q.get('setting') if q.get('enabled')
+                   else None)
+  if key(now) == key(then['qat']):
+    return
+  changes = config_utils.config_changes({'qat': now}, {'qat': then['qat']},
+                                        f'checkpoint {step}')
+  raise checkpointing.IncompatibleCheckpointError(
+      f'{where} was written with another QAT quantizer: {"; ".join(changes)}. The '
+      'quantizer (and a static setting\'s calibrated ranges) is part of the '
+      'training state; resume with the checkpoint\'s config.qat, or start a new '
+      'workdir (e.g. from its params with config.model_init)')
 
 
 def _config_changes(config, meta: dict, step: int) -> list[str]:
@@ -363,6 +434,11 @@ def _startup(config: mlc.ConfigDict, workdir: str) -> _Setup:
   tx, sched = make_optimizer(config, total, abstract_params)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_sh = parallel.tree_shardings(abstract_opt, mesh)
+  qat_calib = qat_calibration_fn(config, task, model, mesh)
+  abstract_extra = None
+  if qat_calib is not None:
+    abstract_extra = {'qat_calibration': jax.eval_shape(
+        qat_calib, abstract_params, {k: ex[k] for k in task.inputs})}
 
   # Existing checkpoints: readable, and written for this model and optimizer?
   resume_step, changes = None, []
@@ -380,28 +456,40 @@ def _startup(config: mlc.ConfigDict, workdir: str) -> _Setup:
       if resume_step is not None:
         meta = ro.read_meta(resume_step)
         changes = _config_changes(config, meta, resume_step)
+        _check_qat_unchanged(config, meta, resume_step,
+                             f'checkpoint {ro.step_dir(resume_step)}')
         ro.check_compatible(
             abstract_params, resume_step, abstract_opt_state=abstract_opt, meta=meta,
+            abstract_extra=abstract_extra, check_extra=True,
             hint=('the config differs: ' + '; '.join(changes)) if changes else '')
     finally:
       ro.close()
   return _Setup(task, model, mesh, total, example_inputs, abstract_params, loaded,
-                param_sh, tx, sched, abstract_opt, opt_sh, resume_step, changes)
+                param_sh, tx, sched, abstract_opt, opt_sh, qat_calib, abstract_extra,
+                resume_step, changes)
 
 
 def _restore_or_init(config, s: _Setup, ckpt: checkpointing.Checkpointer, echo: bool):
-  """(params, opt_state, start step): the one place that restores a checkpoint."""
+  """(params, opt_state, extra, start step): the one place that restores a
+  checkpoint. `extra` is the rest of the training state ({'qat_calibration':
+  ranges} under static QAT, else None): restored, or calibrated on batch 0 with
+  the initial params."""
   if s.resume_step is not None:
     with_sh = lambda a, sh: jax.tree.map(
         lambda x, y: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=y), a, sh)
-    params, opt_state, meta = ckpt.restore(with_sh(s.abstract_params, s.param_sh),
-                                           with_sh(s.abstract_opt, s.opt_sh),
-                                           s.resume_step)
+    extra_abs = None
+    if s.abstract_extra is not None:
+      repl = parallel.replicated(s.mesh)
+      extra_abs = with_sh(s.abstract_extra,
+                          jax.tree.map(lambda _: repl, s.abstract_extra))
+    params, opt_state, meta, *extra = ckpt.restore(
+        with_sh(s.abstract_params, s.param_sh), with_sh(s.abstract_opt, s.opt_sh),
+        s.resume_step, abstract_extra=extra_abs)
     had = meta.get('data', {}).get('process_count', jax.process_count())
     if had != jax.process_count() and echo and jax.process_index() == 0:
       print(f'warning: resuming with {jax.process_count()} processes, checkpoint had '
             f'{had}: the data order changes', flush=True)
-    return params, opt_state, int(meta['step'])
+    return params, opt_state, (extra[0] if extra else None), int(meta['step'])
   init = jax.jit(
       lambda r: flax.core.unfreeze(s.model.init(r, *s.example_inputs))['params'],
       out_shardings=s.param_sh)
@@ -412,7 +500,13 @@ def _restore_or_init(config, s: _Setup, ckpt: checkpointing.Checkpointer, echo: 
         parallel.put_leaf(np.asarray(new, cur.dtype), sh),
         params, s.loaded, s.param_sh)
   opt_state = jax.jit(s.tx.init, out_shardings=s.opt_sh)(params)
-  return params, opt_state, 0
+  extra = None
+  if s.qat_calib is not None:  # static QAT: ranges of the initial params on batch 0
+    first = next(iter(train_iterator(config, 0, jax.process_index(),
+                                     jax.process_count())))
+    extra = {'qat_calibration': s.qat_calib(
+        params, parallel.global_batch(_model_keys(first), s.mesh))}
+  return params, opt_state, extra, 0
 
 
 def _track_nonfinite(first, step, m):
@@ -466,7 +560,8 @@ def train(config: mlc.ConfigDict, workdir: str, *,
   """Runs (or resumes) training in `workdir`; returns a summary dict.
 
   Returns {'workdir', 'total_steps', 'start_step', 'metrics' (last logged),
-  'params' (global arrays), 'mesh', and 'npz' when exported}. `on_step(step)` is
+  'params' (global arrays), 'mesh', 'npz' when exported, and 'qat_calibration'
+  (the static ranges trained with) under static QAT}. `on_step(step)` is
   called after each completed step (after any checkpoint of that step); tests use it
   to simulate a crash.
   """
@@ -477,7 +572,7 @@ def train(config: mlc.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=int(config.keep_ckpts))
   try:
-    params, opt_state, start = _restore_or_init(config, s, ckpt, echo)
+    params, opt_state, extra, start = _restore_or_init(config, s, ckpt, echo)
   except BaseException:
     ckpt.close()
     raise
@@ -498,20 +593,9 @@ def train(config: mlc.ConfigDict, workdir: str, *,
   mesh, total = s.mesh, s.total
   repl = parallel.replicated(mesh)
 
-  # QAT: STE fake-quant forward (static settings: calibrate on the first batch).
-  apply_fn = s.model.apply
-  if config.qat.enabled:
-    setting = quant.get_setting(config.qat.setting)
-    calib = None
-    if setting.needs_calibration:
-      # batch 0 with the current params (a resumed run re-calibrates: static-range
-      # QAT resumes approximately; dynamic settings resume exactly)
-      first = next(iter(train_iterator(config, 0, pidx, pcount)))
-      g = parallel.global_batch(_model_keys(first), mesh)
-      calib = quant_model.calibrate(s.model.apply, setting, {'params': params},
-                                    [s.task.model_inputs(g)], train=False)
-    apply_fn = quant_model.quantized_apply(s.model.apply, setting, calibration=calib,
-                                           ste=True)
+  # QAT: STE fake-quant forward; static ranges from the (restored) training state.
+  apply_fn = qat_apply_fn(config, s.model,
+                          extra['qat_calibration'] if extra is not None else None)
 
   # Buffer donation saves a copy of params + optimizer state on TPU/GPU; on CPU a
   # donated S2D step hangs XLA:CPU (still with jax 0.10.2, on 1, 2 and 8 devices:
@@ -573,18 +657,20 @@ def train(config: mlc.ConfigDict, workdir: str, *,
         last_metrics = writer.write(step, rec, echo=echo)
       if config.ckpt_every and step % int(config.ckpt_every) == 0 and step < total:
         stop_if_diverged()
-        ckpt.save(step, params, opt_state, data_meta(step))
+        ckpt.save(step, params, opt_state, data_meta(step), extra=extra)
       if on_step is not None:
         on_step(step)
     if start < total or ckpt.latest_step() != total:
       stop_if_diverged()
-      ckpt.save(total, params, opt_state, data_meta(total))
+      ckpt.save(total, params, opt_state, data_meta(total), extra=extra)
   finally:
     ckpt.close()
     writer.close()
 
   result = {'workdir': workdir, 'total_steps': total, 'start_step': start,
             'metrics': last_metrics, 'params': params, 'mesh': mesh}
+  if extra is not None:
+    result['qat_calibration'] = extra['qat_calibration']
   if config.export_npz:
     result['npz'] = export_npz(params, os.path.join(workdir, 'params.npz'))
   return result

@@ -1,4 +1,5 @@
-"""The evaluator (s2d_jax/evaluate.py: jit over the global mesh), PTQ setting names,
+"""The evaluator (s2d_jax/evaluator.py: jit over the global mesh; s2d_jax/eval_setup.py
+and s2d_jax/evaluate.py: the checks before work and the CLI), PTQ setting names,
 and the report (s2d_jax/report.py: report.json, table, plots)."""
 
 import json
@@ -9,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from s2d_jax import eval_setup
 from s2d_jax import evaluate as ev
+from s2d_jax import evaluator
 from s2d_jax import parallel
 from s2d_jax import ptq
 from s2d_jax import quant_model as qm
@@ -211,7 +214,8 @@ def test_ptq_setting_names(setup, fake_ptq):
 
 def test_pad_batch_and_errors(setup):
   model, variables, x, y = setup
-  b = ev._pad_batch({"image": x[:3], "label": y[:3]}, 8)
+  b = evaluator._pad_batch(  # pylint: disable=protected-access
+      {"image": x[:3], "label": y[:3]}, 8)
   assert b["image"].shape[0] == 8 and b["_mask"].tolist() == [1, 1, 1] + [0] * 5
   with pytest.raises(ValueError, match="batch size 6 does not divide among 4 devices"):
     ev.evaluate_model(model.apply, variables, [{"image": x[:6], "label": y[:6]}],
@@ -474,3 +478,34 @@ def test_cli_checks_before_work_and_checkpoint_against_model(tmp_path, capsys):
   assert rep["counts"]["float"] == {"correct": 0, "total": 21, "nonfinite": 21}
   assert "(!)" in capsys.readouterr().out
   assert json.load(open(nan_run / "report.json"))["counts"]["float"]["nonfinite"] == 21
+
+
+def test_check_writable_probes_remote_workdirs(data_dir, monkeypatch):
+  """`://` workdirs are probed through tf.io.gfile (on main they were not checked,
+  so an unwritable bucket failed after the whole evaluation): TF's in-memory
+  `ram://` filesystem passes and keeps no probe file; a bucket that refuses writes
+  (tf.io.gfile replaced by one answering 403) fails naming the workdir and TF's
+  error, and `evaluate` stops there, before the model is loaded."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from s2d_jax import config_utils
+  ev.check_writable("ram://s2d_write_check/run")
+  assert tf.io.gfile.listdir("ram://s2d_write_check/run") == []
+  made = []
+  monkeypatch.setattr(tf.io.gfile, "makedirs", made.append)
+
+  def denied(path, mode):
+    raise tf.errors.PermissionDeniedError(None, None, f"{path} ({mode}): 403 Forbidden")
+  monkeypatch.setattr(tf.io.gfile, "GFile", denied)
+  msg = (r"--workdir 'gs://bucket/run' is not writable \(PermissionDeniedError: "
+         r"gs://bucket/run/\.write_check_\w+ \(w\): 403 Forbidden\)")
+  with pytest.raises(OSError, match=msg):
+    ev.check_writable("gs://bucket/run")
+  assert made == ["gs://bucket/run"]
+
+  def no_work(*a, **k):
+    raise AssertionError("the model was loaded before the workdir check")
+  monkeypatch.setattr(eval_setup, "load_model", no_work)
+  c = config_utils.load_config(f"demo:size=tiny,data_dir={data_dir}")
+  c.evaluate.settings = ("float",)
+  with pytest.raises(OSError, match=msg):
+    ev.evaluate(c, "gs://bucket/run")

@@ -173,3 +173,43 @@ def test_model_init_with_nan_is_refused_before_writing(data_dir, tmp_path):
     s = train._startup(c, wd)
   assert np.isnan(s.loaded['Transformer']['encoder_norm']['scale'][0])
   assert not os.path.exists(wd)
+
+
+def tb_scalars(tb_dir):
+  """[(tag, step, value)] of every scalar event in the event files of `tb_dir`, read
+  back with TensorFlow's summary_iterator (in file order)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out = []
+  for path in sorted(tf.io.gfile.glob(os.path.join(tb_dir, '*tfevents*'))):
+    for ev in tf.compat.v1.train.summary_iterator(path):
+      for v in ev.summary.value:
+        out.append((v.tag, ev.step, float(tf.make_ndarray(v.tensor))))
+  return out
+
+
+def test_tensorboard_events_after_the_restored_step_are_dropped(tmp_path):
+  """A run logs steps 1-4 and is killed while writing (a torn last record); the
+  restart from checkpoint 2 logs steps 3-4 again. Read back, TensorBoard's files
+  hold every (tag, step) once, with the restarted run's values for 3-4 (on main:
+  steps 3 and 4 twice, and a file TensorFlow could not read to its end)."""
+  path, tb = str(tmp_path / 'metrics.jsonl'), str(tmp_path / 'tb')
+  w = metrics.MetricWriter(path, tb_dir=tb, start_step=0, stream=None)
+  for s in range(1, 5):
+    w.write(s, {'loss': float(s), 'acc': 0.5})
+  w.close()
+  (old,) = [os.path.join(tb, f) for f in os.listdir(tb)]
+  with open(old, 'ab') as f:
+    f.write(b'\x30\x00\x00\x00\x00')          # a record cut after 5 bytes
+  assert metrics.keep_events_upto(str(tmp_path / 'nothing'), 2) == 0
+  w = metrics.MetricWriter(path, tb_dir=tb, start_step=2, stream=None)
+  for s in (3, 4):
+    w.write(s, {'loss': 10.0 * s, 'acc': 0.5})
+  w.close()
+  got = tb_scalars(tb)
+  keys = [(t, s) for t, s, _ in got if t in ('loss', 'acc')]
+  assert sorted(keys) == sorted({(t, s) for t in ('loss', 'acc') for s in range(1, 5)})
+  assert {s: v for t, s, v in got if t == 'loss'} == {1: 1.0, 2: 2.0, 3: 30.0, 4: 40.0}
+  assert len(os.listdir(tb)) == 2                # the trimmed file and the new one
+  assert [r['step'] for r in metrics.read_metrics(path)] == [1, 2, 3, 4]
+  # a restart at the last logged step changes nothing
+  assert metrics.keep_events_upto(tb, 4) == 0
