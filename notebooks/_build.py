@@ -842,8 +842,9 @@ NB03 = [
     DEMO_SIZE = "default"  # demo config size: "default" or "tiny"
     DATA_DIR = "~/tensorflow_datasets"  # tfds data_dir (paper: holds a prepared imagenet2012)
     WORKDIR = "s2d_03"  # local directory or gs://bucket/path; one sub-directory per run
-    PRETRAIN_STEPS = 500  # demo only: trains the starting checkpoint (0: fine-tune from random init)
-    FINETUNE_STEPS = 0  # 0 = the config's length (demo: 200 steps, paper: 10 epochs)
+    START = "shipped"  # demo: "shipped" (the outlier model s2d_jax/assets/demo_siglip.npz, size "default"), "pretrain" or "scratch"
+    PRETRAIN_STEPS = 500  # demo, START="pretrain": AdamW steps from scratch for the starting checkpoint
+    FINETUNE_STEPS = 0  # 0 = the config's length (demo: 100 steps, paper: 10 epochs)
     EVAL_MAX_BATCHES = None  # None = the whole evaluation split
     CONFIG_OVERRIDES = {{}}  # dotted config overrides, e.g. {{"lr": 1e-4, "s2d.strength": 1e-3}}
     '''),
@@ -906,12 +907,16 @@ NB03 = [
     md("""
     ## The starting checkpoint
 
-    Demo: the demo dataset is generated offline, then the same config is trained from
-    scratch with plain AdamW for `PRETRAIN_STEPS` steps; the trainer exports the final
-    parameters as a big_vision `.npz`, which both fine-tuning runs load (with a fresh
-    zero-initialised head, like the paper's ImageNet runs). Paper: the config's public
-    SigLIP2 checkpoint. Runs resume from their last orbax checkpoint if the work
-    directory already holds one.
+    Demo: the demo dataset is generated offline. `START = "shipped"` (default) starts
+    from the model the package ships, `s2d_jax/assets/demo_siglip.npz`: a tiny SigLIP
+    two-towers model whose pre-training grew activation outliers (fc2 inputs at 160-300×
+    their median; config `demo_pretrain`, see `s2d_jax/assets/README.md`), loaded like a
+    released big_vision checkpoint, as the main job does. `"pretrain"` trains the same
+    classification config from scratch with plain AdamW for `PRETRAIN_STEPS` steps
+    instead (a model without such outliers), `"scratch"` fine-tunes from a random init.
+    Both fine-tuning runs load the `.npz` with a fresh zero-initialised head, like the
+    paper's ImageNet runs. Paper: the config's public SigLIP2 checkpoint. Runs resume
+    from their last orbax checkpoint if the work directory already holds one.
     """),
     code('''
     from s2d_jax import train
@@ -920,9 +925,16 @@ NB03 = [
     if SETUP == "demo":
       from s2d_jax.data import demo
       demo.build(data_dir, base.input.data.name.split("/")[1])  # offline; no-op when present
-      if PRETRAIN_STEPS:
+      if START == "shipped":
+        if DEMO_SIZE != "default":
+          raise ValueError(f"START='shipped' needs DEMO_SIZE='default' (got {DEMO_SIZE!r})")
+        from s2d_jax import main as main_job
+        init = main_job.asset(main_job.ASSET_NPZ)
+      elif START == "pretrain":
         pre = train.train(make_config(s2d=False, steps=PRETRAIN_STEPS), f"{workdir}/pretrain")
         init = pre["npz"]
+      elif START != "scratch":
+        raise ValueError(f"START={START!r}: use 'shipped', 'pretrain' or 'scratch'")
     print("fine-tuning starts from", init or base.model_init or "a random init")
     '''),
     md("""

@@ -56,7 +56,7 @@ TINY = {
         SETUP="demo", DEMO_SIZE="tiny", DATA_DIR="{tmp}/tfds", WORKDIR="{tmp}/work",
         # No pre-training stage here (one trainer run less; the trainer's own tests
         # cover npz export -> load_classifier): both runs start from a random init.
-        PRETRAIN_STEPS=0, FINETUNE_STEPS=4, EVAL_MAX_BATCHES=2,
+        START="scratch", PRETRAIN_STEPS=0, FINETUNE_STEPS=4, EVAL_MAX_BATCHES=2,
         CONFIG_OVERRIDES={"evaluate.settings": ("float", "W4A4")}),
 }
 
