@@ -15,6 +15,7 @@ import subprocess
 import sys
 import uuid
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -29,7 +30,6 @@ from s2d_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.py")
-TIME_FIELDS = ("time", "steps_per_sec", "eta_s")
 
 
 def _ram():
@@ -150,6 +150,9 @@ def test_checkpointer_keeps_a_remote_directory(monkeypatch):
 def _config(data_dir):
   c = cu.load_config(f"{DEMO}:size=tiny,data_dir={data_dir}")
   c.evaluate.settings = ("float", "W8A8")
+  c.evaluate.update(collect_stats=False, pcdr_examples=0, max_batches=1)  # speed
+  c.s2d.enabled = False
+  c.sigma_log_top = 1
   c.export_npz = True
   c.log_every = 1
   c.ckpt_every = 0
@@ -157,57 +160,50 @@ def _config(data_dir):
   return c
 
 
-def _run(config, workdir, ckpt_root, monkeypatch):
-  """train_and_evaluate into `workdir`, orbax checkpoints under `ckpt_root`."""
-  orig = checkpointing.checkpoint_dir
-  monkeypatch.setattr(checkpointing, "checkpoint_dir", lambda w: orig(
-      str(ckpt_root) if w == workdir else w))
-  out = train.train_and_evaluate(config, workdir, echo=False)
-  monkeypatch.setattr(checkpointing, "checkpoint_dir", orig)
-  return out
-
-
-def _files(root):
-  return sorted(os.path.relpath(os.path.join(d, f), root) if not fileio.is_remote(root)
-                else os.path.join(d, f)[len(root) + 1:]
-                for d, _, fs in (tf.io.gfile.walk(root) if fileio.is_remote(root)
-                                 else os.walk(root)) for f in fs)
+def _files(remote_root):
+  """Every file under a tf.io.gfile directory, relative to it."""
+  return sorted(os.path.join(d, f)[len(remote_root) + 1:]
+                for d, _, fs in tf.io.gfile.walk(remote_root) for f in fs)
 
 
 def test_train_and_evaluate_into_a_ram_workdir(data_dir, tmp_path, monkeypatch):
+  """Every file lands under the ram:// workdir with exactly the values the run
+  produced in memory (config, the logged records, the returned params and report);
+  the current directory stays empty (no ./ram:/... folder)."""
   cwd = tmp_path / "cwd"
   cwd.mkdir()
   monkeypatch.chdir(cwd)
+  workdir = _ram() + "/run"
+  orig = checkpointing.checkpoint_dir    # orbax: a local folder (see the docstring)
+  monkeypatch.setattr(checkpointing, "checkpoint_dir", lambda w: orig(
+      str(tmp_path / "ck") if w == workdir else w))
+  logged = []
+  write = metrics.MetricWriter.write
+  monkeypatch.setattr(metrics.MetricWriter, "write", lambda self, *a, **k: (
+      logged.append(write(self, *a, **k)) or logged[-1]))
   c = _config(data_dir)
-  local = str(tmp_path / "local")
-  remote = _ram() + "/run"
-  _run(c, local, tmp_path / "ck_local", monkeypatch)
-  _run(c, remote, tmp_path / "ck_remote", monkeypatch)
-  assert os.listdir(cwd) == []      # no ./ram:/... folder
-  assert sorted(os.listdir(tmp_path)) == ["ck_local", "ck_remote", "cwd", "local"]
+  res = train.train_and_evaluate(c, workdir, echo=False)
+  assert os.listdir(cwd) == []
+  assert sorted(os.listdir(tmp_path)) == ["ck", "cwd"]
+  assert os.listdir(tmp_path / "ck" / "checkpoints") == ["2"]  # the final step
 
-  names = {"config.json", "metrics.jsonl", "params.npz", "report.json",
-           "plots/accuracy_vs_bits.png"}
-  files = _files(remote)
-  assert names <= set(files), files
+  files = _files(workdir)
+  assert {"config.json", "metrics.jsonl", "params.npz", "report.json",
+          "plots/accuracy_vs_bits.png"} <= set(files), files
   assert any(f.startswith("tensorboard/") and "tfevents" in f for f in files), files
-  assert not [f for f in files if f.endswith(".tmp") or ".tmp." in f], files
-  assert {f for f in files if not f.startswith("tensorboard/")} == {
-      f for f in _files(local) if not f.startswith("tensorboard/")}
+  assert not [f for f in files if ".tmp" in f], files
 
-  assert fileio.read_text(remote + "/config.json") == open(
-      os.path.join(local, "config.json")).read()
-  strip = lambda recs: [{k: v for k, v in r.items() if k not in TIME_FIELDS}
-                        for r in recs]
-  got = metrics.read_metrics(remote + "/metrics.jsonl")
-  assert [r["step"] for r in got] == [1, 2]
-  assert strip(got) == strip(metrics.read_metrics(os.path.join(local, "metrics.jsonl")))
-  npz_r = np.load(io.BytesIO(fileio.read_bytes(remote + "/params.npz")))
-  npz_l = np.load(os.path.join(local, "params.npz"))
-  assert sorted(npz_r.files) == sorted(npz_l.files) and npz_l.files
-  for k in npz_l.files:
-    np.testing.assert_array_equal(npz_r[k], npz_l[k])
-  rep_r, rep_l = report.read_report(remote), report.read_report(local)
-  for k in report.MACHINE_FIELDS:
-    rep_r.pop(k), rep_l.pop(k)
-  assert rep_r == rep_l and set(rep_r["accuracy"]) == {"float", "W8A8"}
+  assert fileio.read_text(workdir + "/config.json") == c.to_json_best_effort(indent=2)
+  got = metrics.read_metrics(workdir + "/metrics.jsonl")
+  assert [r["step"] for r in got] == [1, 2] and got == logged
+  assert any(k.startswith("sigma_max/") for k in got[-1])
+  npz = np.load(io.BytesIO(fileio.read_bytes(workdir + "/params.npz")))
+  flat = {"params/" + "/".join(str(getattr(p, "key", p)) for p in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_leaves_with_path(
+              jax.device_get(res["params"]))}
+  assert sorted(npz.files) == sorted(flat)
+  for k, v in flat.items():
+    np.testing.assert_array_equal(npz[k], v)
+  assert report.read_report(workdir) == json.loads(json.dumps(
+      report.jsonable(res["report"])))
+  assert set(res["report"]["accuracy"]) == {"float", "W8A8"}
