@@ -51,6 +51,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from s2d_jax import config_utils
+from s2d_jax import fileio
 
 CKPT_SUBDIR = 'checkpoints'
 _ITEMS = ('params', 'opt_state', 'meta', 'extra')
@@ -157,7 +158,7 @@ class Checkpointer:
   def __init__(self, workdir: str, *, max_to_keep: int = 3, create: bool = True):
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f'max_to_keep must be >= 1, got {max_to_keep}')
-    self.directory = os.path.abspath(checkpoint_dir(workdir))
+    self.directory = fileio.abspath(checkpoint_dir(workdir))  # gs:// stays gs://
     # (read-only: the options orbax would otherwise warn about resetting)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep if create else None,
@@ -312,14 +313,14 @@ def check_fingerprints(meta: Mapping[str, Any], abstract_params,
 
 def _find_ckpt_root(path: str) -> tuple[str, int | None]:
   """Maps a workdir / checkpoints dir / step dir to (workdir-like root, step or None)."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = fileio.abspath(path)
+  if not fileio.isdir(path):
     raise FileNotFoundError(f'no such checkpoint directory: {path}')
-  if os.path.isdir(os.path.join(path, CKPT_SUBDIR)):
+  if fileio.isdir(os.path.join(path, CKPT_SUBDIR)):
     return path, None
   if os.path.basename(path) == CKPT_SUBDIR:
     return os.path.dirname(path), None
-  if os.path.isdir(os.path.join(path, 'params')) and re.fullmatch(
+  if fileio.isdir(os.path.join(path, 'params')) and re.fullmatch(
       r'\d+', os.path.basename(path)):
     parent = os.path.dirname(path)
     if os.path.basename(parent) == CKPT_SUBDIR:

@@ -31,6 +31,7 @@ from s2d_jax import checkpointing
 from s2d_jax import config_schema
 from s2d_jax import config_utils
 from s2d_jax import evaluator
+from s2d_jax import fileio
 from s2d_jax import parallel
 from s2d_jax import ptq
 from s2d_jax import tasks
@@ -98,7 +99,7 @@ def load_model(config, workdir: str | None, mesh, image_shape, params=None):
   if not path:
     raise FileNotFoundError("no checkpoint: set config.evaluate.checkpoint or "
                             "--workdir")
-  if "://" not in path and not os.path.exists(path):
+  if not fileio.exists(path):
     where = "config.evaluate.checkpoint" if ev.get("checkpoint") else "--workdir"
     raise FileNotFoundError(f"checkpoint not found: {path!r} (from {where})")
   abstract = _abstract_params(config, task, model, image_shape)

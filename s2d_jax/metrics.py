@@ -31,6 +31,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from s2d_jax import fileio
+
 
 def _to_py(v: Any):
   if isinstance(v, (bool, np.bool_)):
@@ -66,10 +68,10 @@ class MetricWriter:
     self._t0 = time.time()
     self._f = self._tb = None
     if enabled:
-      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      fileio.makedirs(os.path.dirname(fileio.abspath(path)))
       if start_step is not None:
         keep_steps_upto(path, start_step)
-      self._f = open(path, 'a', encoding='utf-8')
+      self._f = fileio.open(path, 'a')
       if tb_dir:
         if start_step is not None:
           keep_events_upto(tb_dir, start_step)
@@ -167,10 +169,10 @@ def keep_steps_upto(path: str, step: int) -> int:
   """Drops the records of steps > `step` (and unparsable lines: a write torn by a
   kill) from a metrics.jsonl file, atomically (temp + rename); returns how many
   were dropped. A missing file is left missing."""
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     return 0
   keep, dropped = [], 0
-  with open(path, encoding='utf-8') as f:
+  with fileio.open(path) as f:
     for line in f:
       if not line.strip():
         continue
@@ -183,10 +185,7 @@ def keep_steps_upto(path: str, step: int) -> int:
       else:
         dropped += 1
   if dropped:
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      f.writelines(keep)
-    os.replace(tmp, path)
+    fileio.atomic_write_text(path, ''.join(keep))
   return dropped
 
 
@@ -228,5 +227,5 @@ def keep_events_upto(tb_dir: str, step: int) -> int:
 
 def read_metrics(path: str) -> list[dict]:
   """All records of a metrics.jsonl file, in order."""
-  with open(path, encoding='utf-8') as f:
+  with fileio.open(path) as f:
     return [json.loads(line) for line in f if line.strip()]

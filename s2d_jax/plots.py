@@ -43,6 +43,8 @@ import numpy as np
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
+from s2d_jax import fileio
+
 _LAYER = re.compile(r"encoderblock_(\d+)")
 
 
@@ -82,7 +84,7 @@ def plot_activations(layers: Mapping[str, Mapping[str, Any]], path: str) -> str:
     axes[1].set_xticks(list(ticks.values()), [f"b{k}" for k in ticks],
                        fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fileio.save_figure(fig, path, dpi=110)
   return path
 
 
@@ -95,7 +97,7 @@ def plot_sigma(weights: Mapping[str, Mapping[str, Any]], path: str) -> str:
   ax.set_ylabel("σ_max")
   ax.set_xlabel("kernel (forward order)")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fileio.save_figure(fig, path, dpi=110)
   return path
 
 
@@ -120,13 +122,13 @@ def plot_accuracy(report: Mapping[str, Any], path: str) -> str:
   ax.set_xlabel("activation bits")
   ax.set_ylabel("top-1 (%)")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fileio.save_figure(fig, path, dpi=110)
   return path
 
 
 def save_all(report: Mapping[str, Any], outdir: str) -> list[str]:
   """Writes every plot the report has data for; returns the paths."""
-  os.makedirs(outdir, exist_ok=True)
+  fileio.makedirs(outdir)
   out = [plot_accuracy(report, os.path.join(outdir, "accuracy_vs_bits.png"))]
   if report.get("layers"):
     out.append(plot_activations(report["layers"],
@@ -149,7 +151,7 @@ def _per_layer_lines(series: Mapping[str, Mapping[str, float]], *, title: str,
   ax.set_title(title)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fileio.save_figure(fig, path, dpi=120)
   return path
 
 
@@ -163,7 +165,7 @@ def save_comparison(reports: Mapping[str, Mapping[str, Any]],
   bars per setting), `max_act.png`, `kurtosis.png` (per layer) and `sigma_max.png`
   (per kernel); returns the paths.
   """
-  os.makedirs(outdir, exist_ok=True)
+  fileio.makedirs(outdir)
   fig = Figure(figsize=(6, 3.5))
   ax = fig.subplots()
   width = 0.8 / max(len(accuracy), 1)
@@ -177,7 +179,7 @@ def save_comparison(reports: Mapping[str, Mapping[str, Any]],
   ax.legend()
   fig.tight_layout()
   paths = [os.path.join(outdir, "accuracy.png")]
-  fig.savefig(paths[0], dpi=120)
+  fileio.save_figure(fig, paths[0], dpi=120)
   for key, title, fname in (("max_abs", "max |activation| per layer", "max_act.png"),
                             ("kurtosis", "activation kurtosis per layer",
                              "kurtosis.png")):
@@ -578,7 +580,7 @@ def read_sigma_log(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   'sigma_max/<kernel>': σ, ...}`, `train.sigma_max_fn`), sorted by step; the last
   record of a step wins; unparsable lines (a write torn by a kill) are skipped."""
   per = {}
-  with open(path, encoding="utf-8") as f:
+  with fileio.open(path) as f:
     for line in f:
       try:
         rec = json.loads(line)
@@ -629,7 +631,7 @@ def sigma_steps_series(metrics: Mapping[str, Mapping[Any, str]] | None) -> Sigma
                        f"{type(seeds).__name__}")
     logs = {}
     for seed, path in seeds.items():
-      if not path or not os.path.exists(path):
+      if not path or not fileio.exists(path):
         notes.append(f"{run} seed {seed} (no metrics.jsonl)")
         continue
       log = read_sigma_log(path)
@@ -729,9 +731,9 @@ def save_results(results: Mapping[str, Any], outdir: str,
           ("layers.png", fig_layers(results, max_names)),
           ("kernels.png", fig_kernels(results, max_names)),
           ("sigma_over_steps.png", fig_sigma_over_steps(metrics, results))]
-  os.makedirs(outdir, exist_ok=True)
+  fileio.makedirs(outdir)
   paths = []
   for name, fig in figs:
     paths.append(os.path.join(outdir, name))
-    fig.savefig(paths[-1], dpi=_DPI)
+    fileio.save_figure(fig, paths[-1], dpi=_DPI)
   return paths

@@ -47,6 +47,7 @@ operand hooks, the attention clone) is :mod:`s2d_jax.intercept`.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -295,10 +296,14 @@ def calibrate(apply_fn: Callable, setting: q.QuantSetting | str, variables,
               **kwargs):
   """Static ranges from a few batches (single device, jitted per batch shape).
 
-  ``batches`` is a sequence of positional-argument tuples for ``apply_fn``.
+  ``batches`` is a sequence of positional-argument tuples for ``apply_fn``;
+  ``kwargs`` (e.g. ``train=False``) are bound before jit, so they stay Python
+  values (static for the trace: ``if not train`` works) instead of becoming
+  traced arguments. They are the same for every batch.
   """
-  f = jax.jit(calibration_apply(apply_fn, setting, collection=collection))
-  return merge_calibration([f(variables, *b, **kwargs) for b in batches], setting)
+  f = jax.jit(functools.partial(
+      calibration_apply(apply_fn, setting, collection=collection), **kwargs))
+  return merge_calibration([f(variables, *b) for b in batches], setting)
 
 
 def quantization_plan(apply_fn: Callable, setting: q.QuantSetting | str,

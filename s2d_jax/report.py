@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from s2d_jax import fileio
+
 FLOAT = "float"
 REPORT = "report.json"
 MACHINE_FIELDS = ("devices", "timing_s")
@@ -72,12 +74,10 @@ def jsonable(x):
 
 def write_report(report: Mapping[str, Any], workdir: str, *, plots: bool = True) -> str:
   """`workdir/report.json` (atomically) and `workdir/plots/`; returns the json path."""
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   path = os.path.join(workdir, REPORT)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(jsonable(report), f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  fileio.atomic_write_text(
+      path, json.dumps(jsonable(report), indent=1, sort_keys=True))
   if plots:
     from s2d_jax import plots as plots_lib  # pylint: disable=g-import-not-at-top
     plots_lib.save_all(report, os.path.join(workdir, "plots"))
@@ -87,10 +87,9 @@ def write_report(report: Mapping[str, Any], workdir: str, *, plots: bool = True)
 def read_report(workdir_or_path: str) -> dict[str, Any]:
   """A report.json (a path, or the workdir holding it)."""
   path = workdir_or_path
-  if os.path.isdir(path):
+  if fileio.isdir(path):
     path = os.path.join(path, REPORT)
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(fileio.read_text(path))
 
 
 def bits(record: Mapping[str, Any]) -> tuple[str, str]:
@@ -201,8 +200,8 @@ def write_results(workdir: str, reports: Mapping[str, Mapping[str, Any]],
   table = format_results(rows, settings)
   paths = plots_lib.save_comparison(reports, rows, tuple(settings),
                                     os.path.join(workdir, "plots"))
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(jsonable({"rows": rows, **dict(extra or {})}), f, indent=1)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(header.rstrip("\n") + "\n\n" + table + "\n")
+  fileio.atomic_write_text(os.path.join(workdir, "results.json"), json.dumps(
+      jsonable({"rows": rows, **dict(extra or {})}), indent=1))
+  fileio.atomic_write_text(os.path.join(workdir, "results.md"),
+                           header.rstrip("\n") + "\n\n" + table + "\n")
   return {"rows": rows, "table": table, "paths": paths}

@@ -74,6 +74,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import sys
 from typing import Any, Callable, Sequence
 
@@ -90,6 +91,7 @@ from s2d_jax import capture
 from s2d_jax import checkpointing
 from s2d_jax import config_schema
 from s2d_jax import config_utils
+from s2d_jax import fileio
 from s2d_jax import metrics as metrics_lib
 from s2d_jax import optim
 from s2d_jax import parallel
@@ -393,6 +395,12 @@ def _config_changes(config, meta: dict, step: int) -> list[str]:
   return config_utils.config_changes(config, then, f'checkpoint {step}')
 
 
+def _init_file(model_init: str) -> str:
+  """The file of `config.model_init`, without a ':sub/tree' selector after '.npz'."""
+  m = re.fullmatch(r'(.*?\.npz):[\w/\-]+', model_init)
+  return m.group(1) if m else model_init
+
+
 def _startup(config: mlc.ConfigDict, workdir: str) -> _Setup:
   """Every start-up check, before anything is written (see the module docstring)."""
   config_schema.validate(config)
@@ -406,8 +414,7 @@ def _startup(config: mlc.ConfigDict, workdir: str) -> _Setup:
   if config.evaluate.enabled:   # split, calibration images, tokenizer: before step 0
     from s2d_jax import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.prepare_inputs(config)
-  if config.model_init and '://' not in config.model_init and \
-      not os.path.exists(config.model_init):
+  if config.model_init and not fileio.exists(_init_file(config.model_init)):
     raise FileNotFoundError(f'config.model_init: no such file {config.model_init!r}')
   mesh = parallel.make_mesh(int(config.mesh.fsdp))
   model = task.build(config)
@@ -442,7 +449,7 @@ def _startup(config: mlc.ConfigDict, workdir: str) -> _Setup:
 
   # Existing checkpoints: readable, and written for this model and optimizer?
   resume_step, changes = None, []
-  has_ckpts = os.path.isdir(checkpointing.checkpoint_dir(workdir))
+  has_ckpts = fileio.isdir(checkpointing.checkpoint_dir(workdir))
   if pcount > 1:
     # Every process must take the same branch (orbax syncs inside both), and on a
     # shared filesystem process 0 may already have created the directory by the time
@@ -549,7 +556,7 @@ def export_npz(params, path: str) -> str:
   if jax.process_index() == 0:
     tmp = path + '.tmp.npz'
     siglip.save(tmp, host)
-    os.replace(tmp, path)
+    fileio.replace(tmp, path)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f'export {path}')
   return path
@@ -569,7 +576,7 @@ def train(config: mlc.ConfigDict, workdir: str, *,
   pidx, pcount = jax.process_index(), jax.process_count()
 
   # --- from here on we write into workdir ---
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=int(config.keep_ckpts))
   try:
     params, opt_state, extra, start = _restore_or_init(config, s, ckpt, echo)
@@ -577,10 +584,8 @@ def train(config: mlc.ConfigDict, workdir: str, *,
     ckpt.close()
     raise
   if pidx == 0:   # only after a successful restore
-    tmp = os.path.join(workdir, 'config.json.tmp')
-    with open(tmp, 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, os.path.join(workdir, 'config.json'))
+    fileio.atomic_write_text(os.path.join(workdir, 'config.json'),
+                             config.to_json_best_effort(indent=2))
     if start and echo:
       print(f'resuming from step {start} of {s.total} ({ckpt.directory})'
             + ('; the config differs: ' + '; '.join(s.resume_changes)
