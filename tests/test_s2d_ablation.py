@@ -8,12 +8,17 @@ are checked on the loaded `demo` config instead.
 import json
 import math
 import os
+import sys
 
 import pytest
 
-from benchmarks import s2d_ablation as abl
-from s2d_jax import config_schema
-from s2d_jax import config_utils
+# benchmarks/ is a top-level folder of the checkout, not part of the installed package.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+from benchmarks import s2d_ablation as abl  # pylint: disable=g-import-not-at-top  # noqa: E402
+from s2d_jax import config_schema  # noqa: E402
+from s2d_jax import config_utils  # noqa: E402
 
 # The demo base (configs/demo.py with s2d=True), written out by hand.
 DEMO_BASE = {'s2d.decoupled': False, 's2d.enabled': True, 's2d.k_max': 3,
