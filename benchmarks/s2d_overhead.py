@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 import time
 from typing import Any
 
@@ -39,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from s2d_jax import capture, optim, pcdr, spectral
+from s2d_jax import capture, hlo_stats, optim, pcdr, spectral
 from s2d_jax.models import vit
 
 NUM_CLASSES = 1000
@@ -102,27 +101,6 @@ def make_step(model, tx, donate):
 # ----------------------------------------------------------------------------
 
 
-def program_size(hlo: str) -> dict[str, int]:
-  """Instructions, heavy ops and distinct computations of a compiled HLO module."""
-  comps, cur = {}, None
-  for line in hlo.splitlines():
-    m = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
-    if m:
-      cur = "ENTRY" if m.group(1) else m.group(2)
-      comps[cur] = []
-    elif line.startswith("}"):
-      cur = None
-    elif cur and " = " in line:
-      comps[cur].append(line.strip())
-  heavy = sum(1 for line in comps["ENTRY"]
-              if re.search(r" (dot|custom-call|while|conditional)\(|kind=kCustom", line))
-  norm = lambda body: "\n".join(
-      re.sub(r"%[\w.\-]+", "%", re.sub(r",? metadata=\{[^}]*\}", "", x)) for x in body)
-  distinct = {norm(body) for name, body in comps.items() if name != "ENTRY"}
-  return dict(instructions=sum(len(b) for b in comps.values()), heavy=heavy,
-              distinct=len(distinct))
-
-
 def section_hlo(args):
   print(f"\n== hlo: compiled optimizer update vs depth (width {args.hlo_width}, k=3)")
   print(f"{'layout':6s} {'depth':>5s} {'kernels':>7s} {'variant':18s} {'instructions':>12s} "
@@ -137,7 +115,7 @@ def section_hlo(args):
       for name, tx in optimizers([3], args.strategies).items():
         state = jax.eval_shape(tx.init, params)
         hlo = jax.jit(tx.update).lower(params, state, params).compile().as_text()
-        sizes[name] = program_size(hlo)
+        sizes[name] = hlo_stats.program_size(hlo)
       base = sizes["adamw"]
       for name, sz in sizes.items():
         extra = "" if name == "adamw" else "   " + " / ".join(

@@ -13,34 +13,41 @@ any directory: the config is shipped with the package as `demo`) with
 Args: s2d (bool), size ('default' | 'tiny' for tests), init (npz; '' = from scratch),
 data_dir (tfds data_dir holding s2d_demo_shapes), steps (0 = size default),
 dataset (tfds name incl. config, default per size), ptq (PTQ methods evaluated at
-W4A4: 'all' = every method of `s2d_jax.ptq.METHODS` whose module is installed, '' =
-none, or a comma-separated list), ptq_w6a6 (bool: the PTQ methods at W6A6 too).
+W4A4: default 'RepQ-ViT'; 'all' = every method of `s2d_jax.ptq.METHODS` whose module
+is installed, '' = none, or a '+'-separated list, e.g. 'RepQ-ViT+ERQ'), ptq_w6a6 (bool: the PTQ methods
+at W6A6 too).
 
 Evaluation: float, static min-max W8A8 / W6A6 / W4A4 (activation ranges calibrated
 on `calib_batches` training batches), dynamic per-token W4A4 (cheap; it shows that
 the outliers cost static ranges, not dynamic ones) and the paper's PTQ protocols at
-W4A4 (RepQ-ViT, PTQ4ViT, ERQ: `s2d_jax.ptq`, 32 calibration images), plus the
-weight-only GPTQ baseline at W4A16. Cost per evaluated model on 2 CPU cores
-(measured, one model): float 15 s; calibration RepQ-ViT 19 s, PTQ4ViT 57 s, ERQ
-29 s, GPTQ 8 s at W4A4, ~3 s each to evaluate; at W6A6 another ~46 s of
-calibration, which over 2 runs x 3 seeds would add ~6 minutes to the main job: off
-by default (`ptq_w6a6=True`).
+W4A4 (`s2d_jax.ptq`, 32 calibration images): RepQ-ViT by default; `ptq=all` adds
+PTQ4ViT, ERQ and the weight-only GPTQ baseline at W4A16. Cost per evaluated model on
+2 CPU cores (measured, one model, compilation included): float 15 s; calibration
+RepQ-ViT 19 s, PTQ4ViT 57 s, ERQ 29 s, GPTQ 8 s at W4A4, ~3 s each to evaluate. The
+main job runs 6 models (2 runs x 3 seeds) within its ~6-minute budget only with
+RepQ-ViT alone (PTQ4ViT + ERQ + GPTQ add ~4-5 minutes with the compilation cache,
+`python -m s2d_jax.main --ptq all`); the PTQ methods at W6A6 (`ptq_w6a6=True`) another
+~46 s of calibration per model.
 
 Task: classify the colour of the shape (the dataset's `color` feature, 12 classes,
 chance 8.3%), copied into `label` by the preprocessing. The pre-training captions name
-that colour, so the pre-trained image tower has features for it, and 200 fine-tuning
-steps reach ~90% test accuracy. The dataset's shape label is not used here: a ViT of
-this size learns shapes far too slowly for a few-minute CPU demo (from the pre-trained
-npz or from scratch, 300 steps stay at chance, ~10-15%), while a small CNN needs ~600
-steps of batch 128 for 76%. Augmentation is mild (crops of 80-100% of the area, flips):
-`area_min=50` can cut much of the shape out of a 32 px image.
+that colour, so the pre-trained image tower has features for it, and 100 fine-tuning
+steps reach ~90% test accuracy. 100 steps (was 200) keep the main job (2 runs x 3
+seeds) within its few-minutes CPU budget; the S2D effect on σ_max is mostly reached
+by then (see the main job's sigma_over_steps.png). The dataset's shape label is not
+used here: a ViT of this size learns shapes far too slowly for a few-minute CPU demo
+(from the pre-trained npz or from scratch, 300 steps stay at chance, ~10-15%), while a
+small CNN needs ~600 steps of batch 128 for 76%. Augmentation is mild (crops of
+80-100% of the area, flips): `area_min=50` can cut much of the shape out of a 32 px
+image.
 
 S2D for the demo: paper values n = 2, K_max = 3, coupled (the S2D gradient goes
-through AdamW), PCDR refreshed every total_steps / 10 = 20 steps (paper: m = 100 of
-~25k); two changes, both because the paper's values leave this 200-step run's
-spectrum untouched. Measured on the shipped model, seed 0, 200 steps (σ_max: largest
-of the 4 largest kernels, at the MAP head's fc1 = the producer of the largest
-fc2-input ratio; s2d_active: selected components, step 20 -> 200):
+through AdamW), PCDR refreshed every total_steps / 10 = 10 steps (paper: m = 100 of
+~25k); two changes, both because the paper's values leave this short run's
+spectrum untouched. Measured on the shipped model, seed 0, 200 steps (the length
+before the budget cut to 100; σ_max: largest of the 4 largest kernels, at the MAP
+head's fc1 = the producer of the largest fc2-input ratio; s2d_active: selected
+components, step 20 -> 200):
 
   λ 5e-4, τ 0.95 (paper): σ_max 11.05 -> 11.08, active 13 -> 8; float 93.16,
       W4A4-static 88.77
@@ -50,7 +57,7 @@ fc2-input ratio; s2d_active: selected components, step 20 -> 200):
       W4A4-static 86.52; largest max|act| 132 -> 101
 
 - strength λ = 5e-2: λ = 5e-4 is calibrated for 10 ImageNet epochs (~25k steps);
-  200 steps need a proportionally larger λ.
+  100-200 steps need a proportionally larger λ.
 - τ = TAU = 0.5 instead of 0.95: on this width-64 model PCDR_k (k <= 3, 8 images)
   reaches 0.95 only for three attention query kernels (MAP head, blocks 2 and 3),
   not for the fc1 kernels that produce the outliers (MAP head fc1: PCDR_1..3 =
@@ -62,8 +69,9 @@ main job's table (3 seeds) is. The accuracies were not the criterion (choosing S
 values by their test accuracy would be tuning on the test split); the criterion was
 that S2D acts on the dominant singular values at all.
 
-Hardware: 1 CPU (2 cores), ~150 CPU s per fine-tune + evaluation without the PTQ
-methods; no TPU needed. On a TPU pod slice the same config runs data-parallel with
+Hardware: 1 CPU (2 cores), ~60-100 CPU s per fine-tune + evaluation with RepQ-ViT
+(less when the main job's compilation cache already holds the programs); no TPU
+needed. On a TPU pod slice the same config runs data-parallel with
 the global batch split over all chips.
 """
 
@@ -80,7 +88,7 @@ LABEL = 'copy(inkey="color", outkey="label")'
 SIZES = {
     # image tower of the pre-trained demo model (see s2d_jax/main.py)
     'default': dict(dataset='s2d_demo_shapes/default', res=32, patch=4, width=64,
-                    depth=4, mlp=256, heads=4, batch=64, steps=200, classes=12,
+                    depth=4, mlp=256, heads=4, batch=64, steps=100, classes=12,
                     eval_batch=128, ptq_bits=('W4A4',),
                     settings=('float', 'W8A8-static', 'W6A6-static', 'W4A4-static',
                               'W4A4')),
@@ -92,11 +100,12 @@ SIZES = {
 
 def ptq_methods(spec: str) -> list[str]:
   """PTQ methods named by `spec`: 'all' = every registered method whose module is
-  installed (s2d_jax.ptq.METHODS), '' = none, else a comma-separated list."""
+  installed (s2d_jax.ptq.METHODS), '' = none, else a '+'-separated list (',' inside
+  the config arg string would separate config args)."""
   if spec == 'all':
     return [m for m, mod in ptq.METHODS.items()
             if importlib.util.find_spec(f'{ptq.__name__}.{mod}') is not None]
-  methods = [m for m in spec.split(',') if m]
+  methods = [m for m in spec.replace(',', '+').split('+') if m]
   for m in methods:
     if m not in ptq.METHODS:
       raise ValueError(f'configs/demo.py: ptq={spec!r}: unknown method {m!r}; known: '
@@ -106,7 +115,7 @@ def ptq_methods(spec: str) -> list[str]:
 
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, s2d=False, size='default', init='', data_dir='',
-                               steps=0, dataset='', ptq='all', ptq_w6a6=False)
+                               steps=0, dataset='', ptq='RepQ-ViT', ptq_w6a6=False)
   if arg.size not in SIZES:
     raise ValueError(f'configs/demo.py: size={arg.size!r} not in {sorted(SIZES)}')
   z = SIZES[arg.size]

@@ -26,6 +26,7 @@ same WORKDIR reuses the dataset and resumes every stage.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.resources
@@ -136,17 +137,58 @@ def start_report(cfg, npz: str, workdir: str) -> dict[str, Any]:
   return evaluate.evaluate(cfg, workdir, params=params, progress=False)
 
 
+@contextlib.contextmanager
+def compilation_cache(path: str | None):
+  """JAX's persistent compilation cache in `path` for the duration (None: off).
+
+  The 2 x seeds fine-tunes and evaluations compile the same programs (same model,
+  same shapes); with the cache every program after the first is loaded instead of
+  compiled (measured on the demo: evaluation of a model 128 -> 54 CPU s). Caches every
+  program (JAX's default skips those compiling in < 1 s, most of the demo's). A cache
+  directory the user configured (`JAX_COMPILATION_CACHE_DIR`) wins. JAX reads these
+  settings at its first compilation, so this acts only when the job runs first in
+  its process (as `python -m s2d_jax.main` does).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  old = {n: getattr(jax.config, n) for n in names}
+  if path and not old['jax_compilation_cache_dir']:
+    for n, v in zip(names, (path, 0.0, 0)):
+      jax.config.update(n, v)
+  try:
+    yield
+  finally:
+    for n, v in old.items():
+      jax.config.update(n, v)
+
+
 def run(workdir: str, size: str = 'default', pretrain: bool = False,
         pretrain_steps: int = 0, finetune_steps: int = 0, seed: int = 0,
-        seeds: int = 3, echo: bool = True) -> dict:
-  """The whole job; returns {'results', 'table', 'paths', 'wall_s', 'cpu_s'}."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from s2d_jax import plots, report, train  # pylint: disable=g-import-not-at-top
-  from s2d_jax.data import demo  # pylint: disable=g-import-not-at-top
+        seeds: int = 3, ptq: str = 'RepQ-ViT', cache: bool = True,
+        echo: bool = True) -> dict:
+  """The whole job; returns {'results', 'table', 'paths', 'wall_s', 'cpu_s'}.
+
+  `ptq`: the PTQ methods evaluated at W4A4 (the `demo` config's `ptq` argument:
+  'RepQ-ViT', 'all', '' or a list separated by ',' or '+'); `cache`: JAX's persistent
+  compilation cache in WORKDIR/jax_cache (`compilation_cache`).
+  """
   if size not in SIZES:
     raise ValueError(f'--size={size!r} not in {SIZES}')
   if seeds < 1:
     raise ValueError(f'--seeds={seeds}: need at least one seed')
+  ptq = ptq.replace(',', '+')
+  config_utils.load_config(f'demo:size={size},ptq={ptq}')  # unknown methods fail here
+  with compilation_cache(os.path.join(workdir, 'jax_cache') if cache else None):
+    return _run(workdir, size, pretrain, pretrain_steps, finetune_steps, seed, seeds,
+                ptq, echo)
+
+
+def _run(workdir, size, pretrain, pretrain_steps, finetune_steps, seed, seeds, ptq,
+         echo) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  from s2d_jax import plots, report, train  # pylint: disable=g-import-not-at-top
+  from s2d_jax.data import demo  # pylint: disable=g-import-not-at-top
   t0, c0 = time.time(), cpu_seconds()
   _log(f'workdir {os.path.abspath(workdir)}, {jax.device_count()} device(s), '
        f'size={size}, seeds {seed}..{seed + seeds - 1}')
@@ -154,7 +196,7 @@ def run(workdir: str, size: str = 'default', pretrain: bool = False,
   dataset = config_utils.load_config(f'demo:size={size}').input.data['name']
   builder = demo.build(data_dir, dataset.split('/')[1])
   _log(f'dataset {dataset} ready in {data_dir} ({time.time() - t0:.0f}s)')
-  common = f'size={size},data_dir={data_dir},dataset={dataset}'
+  common = f'size={size},data_dir={data_dir},dataset={dataset},ptq={ptq}'
 
   start = start_model(workdir, size, pretrain, builder, data_dir, dataset,
                       pretrain_steps, seed, echo)
@@ -185,6 +227,7 @@ def run(workdir: str, size: str = 'default', pretrain: bool = False,
   wall, cpu = time.time() - t0, cpu_seconds() - c0
   results.update(
       start_model=start, train_steps=steps, size=size, wall_s=wall, cpu_s=cpu,
+      ptq_methods=ptq, compilation_cache=jax.config.jax_compilation_cache_dir,
       versions=versions(),
       machine=dict(platform=platform.platform(), processor=platform.processor(),
                    cpu_count=os.cpu_count(), backend=jax.default_backend(),
@@ -194,10 +237,11 @@ def run(workdir: str, size: str = 'default', pretrain: bool = False,
                     batch=int(cfg.input.batch_size)))
   table = comparison.format_table(results)
   head = comparison.format_headline(results['headline'])
-  paths = plots.save_comparison(
-      {n: r[0] for n, r in reports.items()},
-      {n: {s: a['mean'] for s, a in results['runs'][n]['accuracy'].items()}
-       for n in results['runs']}, settings, os.path.join(workdir, 'plots'))
+  paths = plots.save_results(
+      results, os.path.join(workdir, 'plots'),
+      metrics={name: {s: os.path.join(workdir, sub, f'seed{s}', 'metrics.jsonl')
+                      for s in seed_list} for name, sub, _ in RUNS})
+  _log('plots: ' + ', '.join(paths))
   results = report.jsonable(results)
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=1)
@@ -213,20 +257,22 @@ def run(workdir: str, size: str = 'default', pretrain: bool = False,
 
 USAGE = r"""The main job: S2D end to end on the embedded demo data, offline.
 
-  python -m s2d_jax.main [--workdir DIR] [--seeds N] [--pretrain] [--size default|tiny]
+  python -m s2d_jax.main [--workdir DIR] [--seeds N] [--ptq all] [--pretrain]
+                         [--size default|tiny] [--finetune_steps N]
 
 Starts from the shipped demo SigLIP model (s2d_jax/assets/demo_siglip.npz, a tiny
 two-towers model with grown activation outliers; --pretrain re-creates it with config
 demo_pretrain, ~14-17 CPU minutes), fine-tunes a classifier from it with AdamW and with
-AdamW + S2D (config demo) for --seeds seeds, evaluates float, static min-max
-W8A8/W6A6/W4A4, dynamic W4A4 and the paper's PTQ methods, and prints one table
-(mean ± std over seeds) plus per-layer outlier statistics before and after.
-Measured at the default size on 2 CPU cores: 1322 CPU s, 30 min wall with 3 seeds
-(~5 min per fine-tune + evaluation, of which ~2 min are the PTQ methods); --seeds 1
-takes a third of that.
+AdamW + S2D (config demo, 100 steps) for --seeds seeds, evaluates float, static min-max
+W8A8/W6A6/W4A4, dynamic W4A4 and RepQ-ViT/W4A4 (--ptq all: also PTQ4ViT, ERQ and
+GPTQ), and prints one table (mean ± std over seeds) plus per-layer outlier statistics
+before and after; plots in WORKDIR/plots. Budget: ~6 minutes on 2 CPU cores with the
+defaults (the runs share compiled programs through JAX's persistent compilation cache
+in WORKDIR/jax_cache); --ptq all adds ~4-5 minutes.
 
 Examples:
   python -m s2d_jax.main
+  python -m s2d_jax.main --ptq all --workdir /tmp/s2d_main_all
   python -m s2d_jax.main --seeds 1 --workdir /tmp/s2d_main
   python -m s2d_jax.main --pretrain --workdir /tmp/s2d_main_pretrain
   python -m s2d_jax.main --workdir /tmp/s2d_tiny --size tiny
@@ -249,6 +295,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                        flag_values=fv)
   flags.DEFINE_integer('seed', 0, 'First seed (fine-tuning init, data order; also '
                        'the pre-training seed).', flag_values=fv)
+  flags.DEFINE_string('ptq', 'RepQ-ViT', "PTQ methods evaluated at W4A4: 'all', '' "
+                      "(none) or a comma-separated list of s2d_jax.ptq.METHODS.",
+                      flag_values=fv)
+  flags.DEFINE_bool('compilation_cache', True, 'Share compiled programs between the '
+                    'runs through JAX\'s persistent cache in WORKDIR/jax_cache.',
+                    flag_values=fv)
   argv = list(sys.argv[1:] if argv is None else argv)
   if any(a in config_utils.HELP_FLAGS for a in argv):
     print(USAGE.strip() + '\n\nflags:\n' + fv.get_help(include_special_flags=False))
@@ -259,8 +311,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     raise config_utils.UsageError(f'{e} (run with --help for the flags)') from e
   if fv.seeds < 1:
     raise config_utils.UsageError(f'--seeds={fv.seeds}: need at least one seed')
-  return run(fv.workdir, fv.size, fv.pretrain, fv.pretrain_steps, fv.finetune_steps,
-             fv.seed, fv.seeds)
+  try:
+    return run(fv.workdir, fv.size, fv.pretrain, fv.pretrain_steps, fv.finetune_steps,
+               fv.seed, fv.seeds, fv.ptq, fv.compilation_cache)
+  except ValueError as e:
+    if 'ptq=' in str(e):
+      raise config_utils.UsageError(f'--ptq={fv.ptq!r}: {e}') from e
+    raise
 
 
 if __name__ == '__main__':

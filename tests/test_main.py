@@ -107,7 +107,8 @@ def test_main_job_tiny_end_to_end(tmp_path):
   assert saved['layers'][layer]['start']['max_abs'] == start['layers'][layer]['max_abs']
   assert all(saved['versions'][k] for k in ('jax', 'flax', 'optax', 'tensorflow'))
   assert saved['cpu_s'] > 0 and saved['wall_s'] > 0
-  for name in ('accuracy.png', 'max_act.png', 'kurtosis.png', 'sigma_max.png'):
+  for name in ('accuracy_drop.png', 'layers.png', 'kernels.png',
+               'sigma_over_steps.png'):
     assert os.path.getsize(os.path.join(wd, 'plots', name)) > 0
   table = open(os.path.join(wd, 'results.md')).read()
   assert out['table'] in table and 'W4A4-static' in table and 'σ_max' in table
@@ -118,6 +119,8 @@ def test_main_rejects_unknown_size_and_no_seeds(tmp_path):
     main.main(['--workdir', str(tmp_path), '--size', 'huge'])
   with pytest.raises(config_utils.UsageError, match='seeds'):
     main.main(['--workdir', str(tmp_path), '--seeds', '0'])
+  with pytest.raises(config_utils.UsageError, match="--ptq='RepQ,Foo'.*unknown method"):
+    main.main(['--workdir', str(tmp_path), '--ptq', 'RepQ,Foo'])
   assert not os.listdir(tmp_path)
 
 
@@ -135,13 +138,31 @@ def test_help_lists_flags_and_an_example(entry, capsys):
 
 
 def test_demo_config_ptq_settings():
-  """Every registered PTQ method at W4A4 (weight-only GPTQ at W4A16) by default."""
+  """RepQ-ViT/W4A4 by default; 'all' = every registered PTQ method at W4A4 (weight-only
+  GPTQ at W4A16); '+'-separated lists."""
   from s2d_jax import ptq  # pylint: disable=g-import-not-at-top
   settings = config_utils.load_config('demo').evaluate.settings
-  assert settings[:5] == ('float', 'W8A8-static', 'W6A6-static', 'W4A4-static', 'W4A4')
+  assert settings == ('float', 'W8A8-static', 'W6A6-static', 'W4A4-static', 'W4A4',
+                      'RepQ-ViT/W4A4')
+  settings = config_utils.load_config('demo:ptq=all').evaluate.settings
   want = [f'{m}/W4A16' if m == 'GPTQ' else f'{m}/W4A4' for m in ptq.METHODS]
   assert list(settings[5:]) == want
   assert config_utils.load_config('demo:ptq=ERQ').evaluate.settings[5:] == ('ERQ/W4A4',)
+  assert config_utils.load_config('demo:ptq=ERQ+GPTQ').evaluate.settings[5:] == (
+      'ERQ/W4A4', 'GPTQ/W4A16')
   assert len(config_utils.load_config('demo:ptq=').evaluate.settings) == 5
   with pytest.raises(ValueError, match="ptq='Foo'.*unknown method 'Foo'"):
     config_utils.load_config('demo:ptq=Foo')
+
+
+def test_compilation_cache_is_set_for_the_job_and_restored(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  before = (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs)
+  with main.compilation_cache(str(tmp_path / 'c')):
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'c')
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+  assert (jax.config.jax_compilation_cache_dir,
+          jax.config.jax_persistent_cache_min_compile_time_secs) == before
+  with main.compilation_cache(None):
+    assert jax.config.jax_compilation_cache_dir == before[0]

@@ -18,7 +18,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from s2d_jax import optim, spectral
+from s2d_jax import hlo_stats, optim, spectral
 from s2d_jax.models import vit
 
 _COLLECTIVE = re.compile(
@@ -27,34 +27,9 @@ _COLLECTIVE = re.compile(
 _SHAPE = re.compile(r"[a-z]\w*\[([\d,]*)\]")
 
 
-def _computations(hlo: str) -> dict[str, list[str]]:
-  comps, cur = {}, None
-  for line in hlo.splitlines():
-    m = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
-    if m:
-      cur = "ENTRY" if m.group(1) else m.group(2)
-      comps[cur] = []
-    elif line.startswith("}"):
-      cur = None
-    elif cur and " = " in line:
-      comps[cur].append(line.strip())
-  return comps
-
-
-def program_size(hlo: str) -> tuple[int, int]:
-  """``(heavy ops, distinct computations)`` of a compiled HLO module.
-
-  Heavy: top-level matmuls, custom calls (solvers, library matmul fusions) and
-  loops. Distinct: computations (fusion bodies, loop bodies, ...) after removing
-  names and metadata -- XLA compiles each distinct one once.
-  """
-  comps = _computations(hlo)
-  heavy = sum(1 for line in comps["ENTRY"]
-              if re.search(r" (dot|custom-call|while|conditional)\(|kind=kCustom", line))
-  norm = lambda body: "\n".join(
-      re.sub(r"%[\w.\-]+", "%", re.sub(r",? metadata=\{[^}]*\}", "", x)) for x in body)
-  distinct = {norm(body) for name, body in comps.items() if name != "ENTRY"}
-  return heavy, len(distinct)
+def _heavy_distinct(hlo: str) -> tuple[int, int]:
+  size = hlo_stats.program_size(hlo)
+  return size["heavy"], size["distinct"]
 
 
 def _vit_params(depth, scan):
@@ -74,8 +49,8 @@ def test_compiled_update_does_not_grow_with_depth(scan):
   """From depth 2 to 6 (3x the kernels) the S2D update keeps its heavy ops and kernels."""
   tx = optim.s2d(k=3, strategy="batched")
   small, big = (_update_hlo(tx, _vit_params(d, scan)) for d in (2, 6))
-  heavy_s, distinct_s = program_size(small)
-  heavy_b, distinct_b = program_size(big)
+  heavy_s, distinct_s = _heavy_distinct(small)
+  heavy_b, distinct_b = _heavy_distinct(big)
   assert heavy_s == heavy_b, (heavy_s, heavy_b)
   assert distinct_b <= distinct_s + 1, (distinct_s, distinct_b)
   # The measure is not blind: one distinct computation per kernel (here: a
@@ -85,7 +60,7 @@ def test_compiled_update_does_not_grow_with_depth(scan):
     per_kernel = lambda p: {n: jnp.sum(jnp.sin(x) * (1.5 + i)) for i, (n, (_, x)) in
                             enumerate(sorted(_kernels(p).items()))}
     hlo = jax.jit(per_kernel).lower(params).compile().as_text()
-    assert program_size(hlo)[1] >= len(_kernels(params))
+    assert hlo_stats.program_size(hlo)["distinct"] >= len(_kernels(params))
 
 
 def _kernels(params):
