@@ -64,8 +64,8 @@ def test_grid_on_the_demo_base_runs_base_aliases_once():
       'tau0.8': dict(overrides={'s2d.tau': 0.8}, aliases=['tau0.8']),
       'tau0.95': dict(overrides={'s2d.tau': 0.95}, aliases=['tau0.95']),
       'decoupled': dict(overrides={'s2d.decoupled': True}, aliases=['decoupled']),
-      'decoupled_lam5e-1': dict(overrides={'s2d.decoupled': True, 's2d.strength': 0.5},
-                                aliases=['decoupled_lam5e-1']),
+      'decoupled_lam1': dict(overrides={'s2d.decoupled': True, 's2d.strength': 1.0},
+                             aliases=['decoupled_lam1']),
   }
   assert list(grid)[:3] == ['adamw', 'base', 'k1']
 
@@ -77,11 +77,10 @@ def test_grid_follows_a_changed_base():
   grid = abl.variant_grid(['lam5e-2', 'lam5e-3', 'k3'], base)
   assert grid == {'lam5e-2': dict(overrides={'s2d.strength': 5e-2}, aliases=['lam5e-2']),
                   'base': dict(overrides={}, aliases=['lam5e-3', 'k3'])}
-  # decoupled_lam5e-1 keeps only the key that differs when the base is decoupled
+  # decoupled_lam1 keeps only the key that differs when the base is decoupled
   dec = dict(DEMO_BASE, **{'s2d.decoupled': True})
-  assert abl.variant_grid(['decoupled_lam5e-1', 'coupled'], dec) == {
-      'decoupled_lam5e-1': dict(overrides={'s2d.strength': 0.5},
-                                aliases=['decoupled_lam5e-1']),
+  assert abl.variant_grid(['decoupled_lam1', 'coupled'], dec) == {
+      'decoupled_lam1': dict(overrides={'s2d.strength': 1.0}, aliases=['decoupled_lam1']),
       'coupled': dict(overrides={'s2d.decoupled': False}, aliases=['coupled'])}
   with pytest.raises(KeyError, match='s2d.tau'):
     abl.variant_grid(['base'], {k: v for k, v in DEMO_BASE.items() if k != 's2d.tau'})
@@ -264,7 +263,8 @@ def test_finished_runs_are_read_back_and_other_configs_refused(tmp_path):
   with open(os.path.join(run_dir, 'config.json'), 'w') as f:
     f.write(cfg.to_json_best_effort(indent=2))
   assert abl._finished_or_check(run_dir, cfg) is None
-  with pytest.raises(config_utils.UsageError, match='total_steps is 7 now, 200 in'):
+  with pytest.raises(config_utils.UsageError,
+                     match=f'total_steps is 7 now, {cfg.total_steps} in the saved run'):
     abl._finished_or_check(run_dir, _cfg(steps=7))
   saved = dict(accuracy={'float': 0.5}, config=config_utils.config_as_json(cfg))
   with open(os.path.join(run_dir, abl.RUN_FILE), 'w') as f:
@@ -279,7 +279,7 @@ def test_help_exits_zero_and_lists_variants(capsys):
     abl.main(['--help'])
   assert e.value.code == 0
   out = capsys.readouterr().out
-  assert 'Examples:' in out and '--variants' in out and 'decoupled_lam5e-1' in out
+  assert 'Examples:' in out and '--variants' in out and 'decoupled_lam1' in out
 
 
 @pytest.mark.parametrize('argv, match', [
