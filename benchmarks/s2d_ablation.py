@@ -366,9 +366,11 @@ def ablation_markdown(results: Mapping[str, Any]) -> str:
   head = (
       f'S2D ablation on the demo model (size={results["size"]}, '
       f'{results["steps"]} fine-tuning steps per run, {len(results["seeds"])} seed(s) '
-      f'{results["seeds"]}), measured in {results["wall_s"]:.0f} s wall / '
-      f'{results["cpu_s"]:.0f} s CPU on {m["cpu_count"]} CPU core(s) ({m["backend"]}, '
-      f'{m["devices"]} device(s)); jax {v.get("jax")}, flax {v.get("flax")}, optax '
+      f'{results["seeds"]}): the runs took {results["runs_wall_s"]:.0f} s wall / '
+      f'{results["runs_cpu_s"]:.0f} s CPU in all (this invocation '
+      f'{results["wall_s"]:.0f} s wall / {results["cpu_s"]:.0f} s CPU, runs read back '
+      f'from earlier ones not counted) on {m["cpu_count"]} CPU core(s) '
+      f'({m["backend"]}, {m["devices"]} device(s)); jax {v.get("jax")}, flax {v.get("flax")}, optax '
       f'{v.get("optax")}, tensorflow {v.get("tensorflow")}. Start: '
       f'{results["start_model"]["source"]} npz (sha256 '
       f'{results["start_model"]["sha256"][:12]}). Base = config `demo` with s2d=True: '
@@ -532,6 +534,8 @@ def _run(workdir, size, seeds, steps, names, settings, pretrain_steps, echo) -> 
       settings=settings, seeds=list(range(seeds)), size=size,
       steps=int(base_cfg.total_steps), base=base, start=start_stats, runs=runs,
       decoupled=dec, start_model=start, wall_s=wall, cpu_s=cpu,
+      runs_wall_s=sum(r['wall_s'] for g in runs.values() for r in g['per_seed']),
+      runs_cpu_s=sum(r['cpu_s'] for g in runs.values() for r in g['per_seed']),
       compilation_cache=jax.config.jax_compilation_cache_dir,
       versions=main_job.versions(),
       machine=dict(platform=platform.platform(), processor=platform.processor(),

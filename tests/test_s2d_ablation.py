@@ -239,6 +239,7 @@ def test_short_names():
 
 def test_ablation_markdown_header_and_decoupled_note():
   res = dict(_results(1), size='default', steps=200, wall_s=61.0, cpu_s=99.0,
+             runs_wall_s=500.0, runs_cpu_s=400.0,
              base=DEMO_BASE, start_model=dict(source='shipped', sha256='ab' * 32),
              versions=dict(jax='1', flax='2', optax='3', tensorflow='4'),
              machine=dict(cpu_count=2, backend='cpu', devices=1),
@@ -246,7 +247,9 @@ def test_ablation_markdown_header_and_decoupled_note():
                  dict(strength=0.05, sigma_T=10.47), dict(strength=0.5, sigma_T=7.12)]))
   md = abl.ablation_markdown(res)
   assert md.startswith('S2D ablation on the demo model (size=default, 200 fine-tuning '
-                       'steps per run, 1 seed(s) [0]), measured in 61 s wall / 99 s CPU')
+                       'steps per run, 1 seed(s) [0]): the runs took 500 s wall / 400 s '
+                       'CPU in all (this invocation 61 s wall / 99 s CPU, runs read back '
+                       'from earlier ones not counted) on 2 CPU core(s)')
   assert 'one seed: no spread' in md and 's2d.strength=0.05' in md
   assert abl.format_table(res) in md
   assert ('start σ_max 11.05 to 10.47 at λ=0.05, 7.12 at λ=0.5') in md
