@@ -12,7 +12,7 @@ shipped demo SigLIP model `s2d_jax/assets/demo_siglip.npz` (`main.asset`; at
 
     variant             change from the base (demo with s2d=True)
     adamw               s2d off (the AdamW reference)
-    base                none (demo: K_max 3, λ 5e-2, n 2, τ 0.5, coupled)
+    base                none (demo: K_max 3, λ 5e-4, n 2, τ 0.5, coupled)
     k1, k3              s2d.k_max      ∈ {1, 3}
     lam5e-4 ... lam2e-1 s2d.strength λ ∈ {5e-4 (paper), 5e-3, 5e-2, 2e-1}
     n1, n2, n4          s2d.power n    ∈ {1, 2, 4}
@@ -20,7 +20,7 @@ shipped demo SigLIP model `s2d_jax/assets/demo_siglip.npz` (`main.asset`; at
     coupled, decoupled  s2d.decoupled  ∈ {False, True} at the base λ
     decoupled_lam1      s2d.decoupled = True and λ = 1 (two knobs; see below)
 
-A variant whose resulting S2D settings equal the base's (k3, lam5e-2, n2, tau0.5,
+A variant whose resulting S2D settings equal the base's (k3, lam5e-4, n2, tau0.5,
 coupled with the demo's values) is run once, as `base` (its aliases are listed).
 PCDR refresh (every total_steps / 10 steps), learning rate, weight decay, data and
 seeds are the demo's in every run.
@@ -32,9 +32,9 @@ cosine), so no other learning rate is needed or chosen. Each step then shrinks t
 top σ_i by lr_t·λ·σ_i^n, outside Adam's preconditioner. Without the task gradient
 that integrates to σ_T^(1−n) = σ_0^(1−n) + (n−1)·λ·S with S = Σ_t lr_t
 (`decoupled_sigma`; S = 0.05 for the demo's 100 steps at peak lr 1e-3). At the base
-λ = 5e-2 (`decoupled`, the one-knob variant) that moves σ_max ≈ 11.1 only to ≈ 10.8:
-a much weaker regulariser than the coupled form at the same λ, whose gradient is
-amplified by Adam's 1/√v. `decoupled_lam1` uses λ = 1, the round value at which the
+λ (`decoupled`, the one-knob variant) that barely moves σ_max ≈ 11.1 (to ≈ 10.8 at
+λ = 5e-2, measured 10.90; less at the demo's 5e-4): a much weaker regulariser than
+the coupled form at the same λ, whose gradient is amplified by Adam's 1/√v. `decoupled_lam1` uses λ = 1, the round value at which the
 decoupled term alone would take σ_max ≈ 11.1 to ≈ 7.1 over that schedule, about
 where the coupled base ended in the check recorded in configs/demo.py (200 steps:
 10.46 → 7.11): a comparison at a similar spectral push, chosen from the spectrum,
