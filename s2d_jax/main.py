@@ -268,7 +268,7 @@ W8A8/W6A6/W4A4, dynamic W4A4 and RepQ-ViT/W4A4 (--ptq all: also PTQ4ViT, ERQ and
 GPTQ), and prints one table (mean ± std over seeds) plus per-layer outlier statistics
 before and after; plots in WORKDIR/plots. Measured on 2 CPU cores with the defaults:
 5 min 14 s (326 CPU s; the runs share compiled programs through JAX's persistent
-compilation cache in WORKDIR/jax_cache); --ptq all takes ALL_TIME.
+compilation cache in WORKDIR/jax_cache); --ptq all adds ~4 minutes of evaluation.
 
 Examples:
   python -m s2d_jax.main
