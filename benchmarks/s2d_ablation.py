@@ -595,14 +595,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     'WORKDIR/jax_cache.', flag_values=fv)
   flags.DEFINE_enum('size', 'default', SIZES, 'Model and data size (tiny: tests; it '
                     'has no shipped model and pre-trains one).', flag_values=fv)
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if any(a in config_utils.HELP_FLAGS for a in argv):
-    print(USAGE.strip() + '\n\nflags:\n' + fv.get_help(include_special_flags=False))
-    raise SystemExit(0)
-  try:
-    fv(['s2d_ablation'] + argv)
-  except flags.Error as e:
-    raise config_utils.UsageError(f'{e} (run with --help for the flags)') from e
+  config_utils.parse_plain_flags(fv, sys.argv[1:] if argv is None else argv,
+                                 usage=USAGE, prog='s2d_ablation')
   return run(fv.workdir, fv.size, fv.seeds, fv.steps, fv.variants, fv.settings,
              cache=fv.compilation_cache)
 

@@ -444,6 +444,23 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, st
   return rest, overrides
 
 
+def parse_plain_flags(fv: flags.FlagValues, argv: Sequence[str], *, usage: str,
+                      prog: str = 's2d_jax') -> None:
+  """Parses `argv` (no program name) into `fv` (commands without `--config`).
+
+  `--help` prints `usage` and every flag of `fv`, then exits 0; a flag error raises
+  `UsageError` naming the flag.
+  """
+  argv = list(argv)
+  if any(a in HELP_FLAGS for a in argv):
+    print(usage.strip() + '\n\nflags:\n' + fv.get_help(include_special_flags=False))
+    raise SystemExit(0)
+  try:
+    fv([prog] + argv)
+  except flags.Error as e:
+    raise UsageError(f'{e} (run with --help for the flags)') from e
+
+
 def parse_flags(fv: flags.FlagValues, argv: Sequence[str], *, usage: str,
                 require_workdir: bool = True) -> mlc.ConfigDict:
   """Parses `argv` (no program name) into `fv`; returns the config with overrides.
@@ -455,13 +472,9 @@ def parse_flags(fv: flags.FlagValues, argv: Sequence[str], *, usage: str,
   """
   argv = list(argv)
   if any(a in HELP_FLAGS for a in argv):
-    print(usage.strip() + '\n\nflags:\n' + fv.get_help(include_special_flags=False))
-    raise SystemExit(0)
+    parse_plain_flags(fv, argv, usage=usage)   # prints the help, exits 0
   rest, overrides = _split_overrides(argv)
-  try:
-    fv(['s2d_jax'] + rest)
-  except flags.Error as e:
-    raise UsageError(f'{e} (run with --help for the flags)') from e
+  parse_plain_flags(fv, rest, usage=usage)
   config = fv['config'].value
   if config is None:
     raise UsageError('missing --config FILE[:ARG] (run with --help for the flags)')

@@ -301,14 +301,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   flags.DEFINE_bool('compilation_cache', True, 'Share compiled programs between the '
                     'runs through JAX\'s persistent cache in WORKDIR/jax_cache.',
                     flag_values=fv)
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if any(a in config_utils.HELP_FLAGS for a in argv):
-    print(USAGE.strip() + '\n\nflags:\n' + fv.get_help(include_special_flags=False))
-    raise SystemExit(0)
-  try:
-    fv(['s2d_jax.main'] + argv)
-  except flags.Error as e:
-    raise config_utils.UsageError(f'{e} (run with --help for the flags)') from e
+  config_utils.parse_plain_flags(fv, sys.argv[1:] if argv is None else argv,
+                                 usage=USAGE, prog='s2d_jax.main')
   if fv.seeds < 1:
     raise config_utils.UsageError(f'--seeds={fv.seeds}: need at least one seed')
   try:
