@@ -29,7 +29,7 @@ _SUBMODULES = ("spectral", "optim", "pcdr", "capture", "quant", "quant_model",
                "outliers", "ptq", "evaluate", "eval_setup", "evaluator", "report",
                "plots", "train",
                "checkpointing", "config_utils", "config_schema", "tasks", "parallel",
-               "metrics", "models", "data")
+               "metrics", "fileio", "hlo_stats", "comparison", "models", "data")
 
 
 __getattr__, __dir__ = _lazy.attach(__name__, _SUBMODULES, globals())
