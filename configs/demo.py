@@ -60,8 +60,8 @@ S2D leaves this short run's spectrum untouched:
   AdamW; 8.75 / 9.02 / 9.02 / 9.03 at λ = 5e-4 / 5e-3 / 5e-2 / 2e-1), presumably
   because Adam divides each coordinate's update by its RMS, so a consistent S2D
   direction moves σ at a rate set by the learning rate more than by λ. So the paper's
-  λ is kept. (The decoupled form, applied after Adam, does scale with λ: σ_max 10.90
-  at λ 5e-2, 9.12 at λ 1.)
+  λ is kept. (The decoupled form, applied after Adam, does scale with λ: σ_max 11.06
+  at λ 5e-4, 10.90 at 5e-2, 9.12 at 1.)
 The accuracies were not the criterion for these values (choosing S2D's values by
 their test accuracy would be tuning on the test split); the criterion was that S2D
 acts on the dominant singular values at all. The main job's table (3 seeds) is the
