@@ -34,28 +34,20 @@ from s2d_jax.models import siglip
 
 from test_exact_references import _first_clear_seed, _qat_case
 from test_resume import tb_scalars
+from train_fixtures import tiny_demo_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, 'configs', 'demo.py')
 STATIC, DYNAMIC = 'W4A4-static', 'W4A4'
 LOGGED = ('loss', 'grad_norm', 'acc', 'lr')   # the scalars a resume must reproduce
 
 
 def _config(data_dir, setting, **kw):
-  c = cu.load_config(f'{DEMO}:size=tiny,data_dir={data_dir}')
-  c.evaluate.enabled = False
-  c.export_npz = False
-  c.log_every = 1
-  c.ckpt_every = 2
-  c.keep_ckpts = 2
-  c.total_steps = 4
-  c.warmup_frac = 0.0          # step 1 already moves the params
-  c.sigma_log_top = 0
-  c.input.shuffle_buffer_size = 64
+  c = tiny_demo_config(data_dir, {
+      'ckpt_every': 2, 'keep_ckpts': 2, 'total_steps': 4,
+      'warmup_frac': 0.0,          # step 1 already moves the params
+      'sigma_log_top': 0, 'input.shuffle_buffer_size': 64,
+      'qat.enabled': True, 'qat.setting': setting})
   c.model.update(width=16, depth=1, mlp_dim=32, num_heads=1, pool_type='gap')
   c.model_load.dont_load = []   # model_init holds every param (θ₀ known exactly)
-  c.qat.enabled = True
-  c.qat.setting = setting
   for k, v in kw.items():
     cu.apply_overrides(c, {k: v})
   return c

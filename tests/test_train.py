@@ -16,20 +16,12 @@ from s2d_jax import spectral
 from s2d_jax import tasks
 from s2d_jax import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, 'configs', 'demo.py')
+from train_fixtures import tiny_demo_config
+
 
 
 def _config(data_dir, **kw):
-  c = cu.load_config(f'{DEMO}:size=tiny,data_dir={data_dir}')
-  c.evaluate.enabled = False
-  c.export_npz = False
-  c.log_every = 1
-  c.ckpt_every = 0
-  c.total_steps = 8
-  for k, v in kw.items():
-    cu.apply_overrides(c, {k: v})
-  return c
+  return tiny_demo_config(data_dir, {'ckpt_every': 0, 'total_steps': 8, **kw})
 
 
 def _sigmas(params):
