@@ -220,7 +220,7 @@ def keep_events_upto(tb_dir: str, step: int) -> int:
       with tf.io.TFRecordWriter(tmp) as w:
         for raw in keep:
           w.write(raw)
-      tf.io.gfile.rename(tmp, path, overwrite=True)
+      fileio.replace(tmp, path)
       dropped += drop
   return dropped
 
